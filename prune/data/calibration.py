@@ -1,0 +1,127 @@
+"""Calibration sets, each following the convention of the paper that uses it.
+
+Styles (``conf/calib/*.yaml`` chooses one):
+- ``random_windows`` (SLEB / TRSP / GPTQ): join the rows, tokenise once, cut ``nsamples`` windows of
+  ``seqlen`` tokens at seeded random offsets (``random.seed(seed)``; offset ``randint(0, N - seqlen - 1)``).
+- ``row_chunks`` (BlockPruner): draw ``nsamples`` *rows* with ``random.sample``, join them with "\\n\\n",
+  tokenise once, cut non-overlapping ``seqlen`` chunks, drop the remainder. ``nsamples`` counts rows.
+- ``line_blocks`` (DISP-LLM's official loader): encode each line on its own, concatenate groups of
+  ``group_lines`` lines, cut blocks of ``seqlen + 1`` tokens (the +1 gives ``seqlen`` next-token targets);
+  a short final block is padded with ignored positions.
+
+A set is a tensor of token ids plus a mask of which *target* positions count in the loss; loss code always
+predicts token t+1 from tokens ≤ t.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prune.data.sources import load_rows
+from prune.data.tokens import encode_cached, tensor_hash
+from prune.errors import PruneError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows for calibration.
+
+    Attributes:
+        input_ids: LongTensor[N, T].
+        target_mask: BoolTensor[N, T]; position t counts as the target of position t-1 (position 0 never does).
+        info: provenance: dataset, split, source, style, nsamples, seqlen, seed, hash.
+    """
+
+    input_ids: torch.Tensor
+    target_mask: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_calibration(
+    tokenizer: Any,
+    dataset: str = "wikitext2",
+    split: str = "train",
+    style: str = "random_windows",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    join: str = " ",
+    group_lines: int = 50,
+    source: str = "auto",
+    preset: str | None = None,
+) -> CalibrationSet:
+    """Build the calibration set described by a ``conf/calib`` node (see the module docstring)."""
+    rows, source_label = load_rows(dataset, split, source)
+    builders = {"random_windows": _random_windows, "row_chunks": _row_chunks, "line_blocks": _line_blocks}
+    if style not in builders:
+        raise PruneError(f"unknown calibration style '{style}'; choose one of {', '.join(builders)}")
+    ids, mask = builders[style](tokenizer, rows, nsamples, seqlen, seed, join, group_lines)
+    info = {
+        "dataset": dataset, "split": split, "source": source_label, "style": style, "nsamples": nsamples,
+        "sequences": int(ids.shape[0]), "seqlen": seqlen, "seed": seed, "preset": preset,
+        "tokens_hash": tensor_hash(ids),
+    }
+    log.info("calibration: %d x %d tokens of %s (%s, %s)", ids.shape[0], ids.shape[1], dataset, style, source_label)
+    return CalibrationSet(ids, mask, info)
+
+
+def _all_targets(ids: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 0] = False
+    return mask
+
+
+def _random_windows(tok: Any, rows: list[str], n: int, seqlen: int, seed: int, join: str, _g: int):
+    ids = encode_cached(tok, join.join(rows))
+    if len(ids) <= seqlen + 1:
+        raise PruneError(f"calibration text has {len(ids)} tokens, fewer than seqlen={seqlen}; lower calib.seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(n)]
+    windows = torch.stack([ids[s : s + seqlen] for s in starts])
+    return windows, _all_targets(windows)
+
+
+def _row_chunks(tok: Any, rows: list[str], n: int, seqlen: int, seed: int, join: str, _g: int):
+    if n > len(rows):
+        raise PruneError(f"calib.nsamples={n} rows requested but the source has {len(rows)}; lower calib.nsamples")
+    chosen = random.Random(seed).sample(rows, n)
+    ids = encode_cached(tok, "\n\n".join(chosen))
+    count = len(ids) // seqlen
+    if count == 0:
+        raise PruneError(f"{n} rows give {len(ids)} tokens, less than one {seqlen}-token chunk; raise calib.nsamples")
+    chunks = ids[: count * seqlen].view(count, seqlen)
+    return chunks, _all_targets(chunks)
+
+
+def _line_blocks(tok: Any, rows: list[str], n: int, seqlen: int, _seed: int, _join: str, group_lines: int):
+    # NOTE(faithfulness): DISP's loader streams lines in order (no shuffling), so `seed` is unused here.
+    block = seqlen + 1
+    blocks: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    lines = [r for r in rows if r.strip()]
+    for g in range(0, len(lines), group_lines):
+        group = torch.cat([torch.tensor(tok(line)["input_ids"], dtype=torch.long) for line in lines[g : g + group_lines]])
+        for s in range(0, len(group), block):
+            piece = group[s : s + block]
+            mask = torch.ones(block, dtype=torch.bool)
+            mask[0] = False
+            if len(piece) < block:  # pad the short tail; padded targets are ignored
+                mask[len(piece) :] = False
+                piece = torch.cat([piece, piece.new_zeros(block - len(piece))])
+            blocks.append(piece)
+            masks.append(mask)
+            if len(blocks) == n:
+                return torch.stack(blocks), torch.stack(masks)
+    if not blocks:
+        raise PruneError("no calibration blocks could be built; check calib.dataset")
+    return torch.stack(blocks), torch.stack(masks)

@@ -1,0 +1,121 @@
+"""Raw text rows of each dataset, from the Hugging Face Hub when reachable, else from bundled files.
+
+Every loader returns ``(rows, source)`` where ``source`` says which copy was used; runs log it.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from prune.errors import PruneError
+from prune.paths import bundled
+
+log = logging.getLogger(__name__)
+
+# The Stanford Alpaca prompt template; HF `tatsu-lab/alpaca`'s `text` column is this template filled in.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n{output}"
+)
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """True when the Hugging Face Hub answers within 3 s and offline mode is not forced."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _lines(relative: str) -> list[str]:
+    path = bundled(relative)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.read().splitlines(keepends=True)
+
+
+def _wikitext_rows(relative: str) -> list[str]:
+    # HF `wikitext-2-raw-v1` rows are the file's lines with "\n" kept and blank lines turned into "".
+    return [line if line.strip() else "" for line in _lines(relative)]
+
+
+def _jsonl_texts(relative: str) -> list[str]:
+    return [json.loads(line)["text"] for line in _lines(relative)]
+
+
+def _alpaca_rows() -> list[str]:
+    records = json.loads(bundled("alpaca/alpaca_data_1k.json").read_text(encoding="utf-8"))
+    return [(ALPACA_WITH_INPUT if r["input"] else ALPACA_NO_INPUT).format(**r) for r in records]
+
+
+# (dataset, split) -> (bundled loader, source label). WikiText-2 train is not bundled: validation stands in.
+BUNDLED: dict[tuple[str, str], tuple[Callable[[], list[str]], str]] = {
+    ("wikitext2", "test"): (lambda: _wikitext_rows("wikitext-2-raw/wiki.test.raw"), "bundled:wikitext2-test"),
+    ("wikitext2", "validation"): (
+        lambda: _wikitext_rows("wikitext-2-raw/wiki.valid.raw"), "bundled:wikitext2-validation"),
+    ("wikitext2", "train"): (
+        lambda: _wikitext_rows("wikitext-2-raw/wiki.valid.raw"),
+        "bundled:wikitext2-validation (offline substitute for the train split)"),
+    ("ptb", "train"): (lambda: [s.strip() for s in _lines("ptb/ptb.train.txt.gz")], "bundled:ptb-train"),
+    ("ptb", "validation"): (lambda: [s.strip() for s in _lines("ptb/ptb.valid.txt")], "bundled:ptb-validation"),
+    ("ptb", "test"): (lambda: [s.strip() for s in _lines("ptb/ptb.test.txt")], "bundled:ptb-test"),
+    ("c4", "train"): (
+        lambda: _jsonl_texts("c4/c4-train.00000-of-01024.first1000.redpajama.jsonl.gz"),
+        "bundled:c4-train-shard0-first1000"),
+    ("c4", "validation"): (
+        lambda: _jsonl_texts("c4/c4-validation.subset2000.jsonl.gz"), "bundled:c4-validation-subset2000"),
+    ("alpaca", "train"): (_alpaca_rows, "bundled:alpaca-1k-sample"),
+}
+
+
+def _hub_rows(dataset: str, split: str) -> list[str]:
+    from datasets import load_dataset  # heavy import, only when the Hub is used
+
+    if dataset == "wikitext2":
+        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    if dataset == "ptb":
+        return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+    if dataset == "c4":
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        return list(load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"])
+    if dataset == "alpaca":
+        return list(load_dataset("tatsu-lab/alpaca", split=split)["text"])
+    raise PruneError(f"unknown dataset '{dataset}'; known: wikitext2, ptb, c4, alpaca")
+
+
+def load_rows(dataset: str, split: str, source: str = "auto") -> tuple[list[str], str]:
+    """Rows of `dataset`/`split` and a label of the copy used.
+
+    Args:
+        dataset: ``wikitext2`` | ``ptb`` | ``c4`` | ``alpaca``.
+        split: ``train`` | ``validation`` | ``test``.
+        source: ``hub`` | ``bundled`` | ``auto`` (Hub when reachable, else bundled).
+    """
+    if (dataset, split) not in BUNDLED:
+        known = sorted({d for d, _ in BUNDLED})
+        raise PruneError(f"unknown dataset/split '{dataset}/{split}'; datasets: {', '.join(known)}")
+    if source == "hub" or (source == "auto" and hub_reachable()):
+        try:
+            return _hub_rows(dataset, split), f"hub:{dataset}/{split}"
+        except Exception as err:  # noqa: BLE001 - any Hub failure falls back to the bundled copy
+            if source == "hub":
+                raise PruneError(f"could not load {dataset}/{split} from the Hub ({err}); use data source=bundled")
+            log.warning("Hub load of %s/%s failed (%s); using the bundled copy", dataset, split, err)
+    loader, label = BUNDLED[(dataset, split)]
+    return loader(), label

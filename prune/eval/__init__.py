@@ -1,0 +1,1 @@
+"""Evaluators: each is ``__call__(model, tokenizer) -> dict[str, float]`` plus ``describe() -> dict``."""

@@ -1,0 +1,64 @@
+"""Shared by the layer-removal methods: the ratio -> layer-count rule and per-layer calibration statistics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from prune.data.calibration import CalibrationSet
+from prune.errors import PruneError
+from prune.models.adapter import ModelAdapter
+from prune.models.hooks import layer_io
+
+ROUNDING = "ceil(ratio * num_layers), as SLEB and TRSP round"
+
+
+def layers_to_remove(ratio: float, num_layers: int, max_removable: int | None = None) -> int:
+    """How many layers a layer-unit ratio removes: ⌈ratio·L⌉ (SLEB/TRSP rounding).
+
+    Raises:
+        PruneError: when the count exceeds what the method can remove from this model.
+    """
+    limit = num_layers - 1 if max_removable is None else max_removable
+    n = math.ceil(round(ratio * num_layers, 9))  # round() keeps 0.25*28=7.000000001 from becoming 8
+    if n > limit:
+        raise PruneError(
+            f"ratio={ratio} asks for {n} of {num_layers} layers but at most {limit} can be removed; "
+            f"use ratio <= {limit / num_layers:.3f}"
+        )
+    return n
+
+
+# A per-token statistic of one layer: (x_in[B,T,d], x_out[B,T,d]) -> values[B,T].
+TokenStatistic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def mean_layer_statistic(
+    adapter: ModelAdapter, calib: CalibrationSet, statistic: TokenStatistic, batch_size: int = 1
+) -> list[float]:
+    """The statistic averaged over every calibration token, per layer, from one pass of the dense model."""
+    n_layers = adapter.num_layers()
+    sums = torch.zeros(n_layers, dtype=torch.float64)
+    count = 0
+    device = next(adapter.model.parameters()).device
+
+    def accumulate(i: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        sums[i] += statistic(x_in.float(), x_out.float()).sum(dtype=torch.float64).cpu()
+
+    with layer_io(adapter, accumulate):
+        for s in tqdm(range(0, len(calib), batch_size), desc="layer statistics", leave=False):
+            batch = calib.input_ids[s : s + batch_size].to(device)
+            adapter.model.base_model(input_ids=batch, use_cache=False)
+            count += batch.numel()
+    if count == 0:
+        raise PruneError("the calibration set is empty; raise calib.nsamples")
+    return (sums / count).tolist()
+
+
+def lowest(scores: list[float], n: int) -> list[int]:
+    """Indices of the `n` lowest scores (ties: the lower index first), ascending."""
+    return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n])

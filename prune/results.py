@@ -1,0 +1,99 @@
+"""Run bookkeeping: the results file, the dense-reference cache, peak memory and the printed summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune.paths import cache_dir
+
+RESULTS = "results.json"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON via a temporary file and rename, so a crash never leaves a half-written result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def config_hash(node: Any) -> str:
+    return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dense_cache_path(model_key: str, eval_config: Any) -> Path:
+    """Where the dense model's metrics under one evaluation config are cached (computed once per model)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
+    return cache_dir() / "dense" / f"{safe}-{config_hash(eval_config)}.json"
+
+
+class PeakMemory:
+    """Peak memory of a code block: CUDA allocator peak on GPU, sampled process RSS on CPU.
+
+    Attributes (after the block): ``peak_gb`` and ``kind`` (``cuda_max_allocated`` or ``cpu_rss_sampled``).
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_gb = 0.0
+        self.kind = "cuda_max_allocated" if torch.cuda.is_available() else "cpu_rss_sampled"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_gb = max(self.peak_gb, self._rss_bytes() / 2**30)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        elif os.path.exists("/proc/self/statm"):
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            self.peak_gb = torch.cuda.max_memory_allocated() / 2**30
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """A short human-readable account of one run, for the terminal."""
+    cfg, m, dense = results["config"], results["metrics"], results.get("dense_metrics", {})
+    plan = results["plan"]
+    lines = [f"== {cfg['model']['name']} | {plan['method']} | ratio {cfg['ratio']} ({plan['ratio_unit']}) =="]
+    if plan["drop_layers"]:
+        lines.append(f"removed layers {plan['drop_layers']}")
+    lines.append(
+        f"params {m['params/total'] / 1e6:.2f} M (dense {dense.get('params/total', m['params/total']) / 1e6:.2f} M): "
+        f"{100 * m['params/removed_frac']:.2f}% removed, {100 * m['params/removed_frac_non_embedding']:.2f}% of non-embedding"
+    )
+    described = results.get("metric_config", {}).get("ppl", {}).get("metrics", {})
+    for key, spec in described.items():
+        label = f"[{spec['convention']}, {spec['slice']}" + (f", preset {spec['preset']}]" if spec.get("preset") else "]")
+        lines.append(f"{key:<28} dense {_fmt(dense.get(key, float('nan'))):>9}   pruned {_fmt(m[key]):>9}   {label}")
+    other = sorted(k for k in m if k.startswith(("zs/", "speed/")) and not k.startswith("zs/n"))
+    lines += [f"{k:<28} dense {_fmt(dense.get(k, float('nan'))):>9}   pruned {_fmt(m[k]):>9}" for k in other]
+    lines.append(f"prune time {m['time/prune_s']:.1f} s, peak memory {m['mem/prune_peak_gb']:.2f} GB")
+    return lines

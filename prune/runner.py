@@ -1,0 +1,140 @@
+"""The run recipe, top to bottom: load -> calibrate -> plan -> surgery -> evaluate -> record.
+
+`run` is what ``run.py`` calls for every Hydra cell. ``results.json`` in the cell's directory is written
+last and atomically; a cell whose ``results.json`` exists is skipped unless ``force=true``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from prune import provenance, results, tracking
+from prune.data.calibration import build_calibration
+from prune.errors import PruneError
+from prune.eval.params import count_params, removed_fraction
+from prune.models import surgery
+from prune.models.adapter import adapter_for
+from prune.models.load import LoadedModel, load_model_and_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Prune and evaluate one cell; returns the headline metric (WikiText-2 PPL) for sweepers."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    done = run_dir / results.RESULTS
+    if done.exists() and not cfg.force and (not cfg.save or (run_dir / "model").is_dir()):
+        print(f"skip: {done} exists (force=true to redo)")
+        return json.loads(done.read_text())["metrics"].get("ppl/wikitext2")
+    if not 0.0 <= cfg.ratio < 1.0:
+        raise PruneError(f"ratio={cfg.ratio} is outside [0, 1); pass e.g. ratio=0.25")
+    method = instantiate(cfg.method)
+    choices = dict(HydraConfig.get().runtime.choices)
+    logger = _make_logger(cfg, choices, run_dir)
+    exit_code, loaded = 1, None
+    try:
+        set_seed(cfg.seed)
+        started = time.perf_counter()
+        loaded = load_model_and_tokenizer(cfg.model)
+        adapter = adapter_for(loaded.model)
+        evaluators = {k: instantiate(v) for k, v in cfg.eval.items() if k != "name" and v is not None}
+        dense_metrics = _dense_reference(loaded, evaluators, cfg)
+        calib = build_calibration(loaded.tokenizer, **cfg.calib) if method.needs_calibration else None
+        with results.PeakMemory() as peak:
+            t0 = time.perf_counter()
+            plan = method.prune(adapter, calib, cfg.ratio)
+            surgery.apply(adapter, plan)
+            prune_s = time.perf_counter() - t0
+        metrics: dict[str, Any] = count_params(adapter)
+        metrics |= removed_fraction(dense_metrics, metrics)
+        metrics |= {"layers/total": adapter.num_layers(), "layers/removed": len(plan.drop_layers),
+                    "time/prune_s": prune_s, "mem/prune_peak_gb": peak.peak_gb}
+        if plan.is_empty():  # the dense model: reuse its cached evaluation instead of repeating it
+            metrics |= {k: v for k, v in dense_metrics.items() if not k.startswith("params/")}
+        else:
+            for evaluator in evaluators.values():
+                metrics |= evaluator(loaded.model, loaded.tokenizer)
+        if cfg.save:
+            _save_model(loaded, run_dir / "model")
+        record = {
+            "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
+            "dense_metrics": dense_metrics, "plan": json.loads(plan.to_json()),
+            "metric_config": {k: e.describe() for k, e in evaluators.items()} | {"mem": peak.kind},
+            "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
+            "provenance": provenance.manifest() | {"model": loaded.provenance,
+                                                   "calibration": calib.info if calib else None},
+        }
+        (run_dir / "prune_plan.json").write_text(plan.to_json())
+        results.write_json_atomic(done, record)
+        _log_run(logger, record, run_dir)
+        print("\n".join(results.summary_lines(record)) + f"\nresults: {done}")
+        exit_code = 0
+        return metrics.get("ppl/wikitext2")
+    finally:
+        logger.finish(exit_code)
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _make_logger(cfg: DictConfig, choices: dict[str, Any], run_dir: Path) -> tracking.Logger:
+    if cfg.logger is None or cfg.logger.get("kind") == "none":
+        return tracking.NullLogger()
+    name = f"{cfg.model.name}-{choices.get('method')}-r{cfg.ratio}"
+    tags = [f"{group}:{choice}" for group, choice in choices.items()
+            if choice and not group.startswith("hydra") and group != "logger"]
+    return tracking.WandbLogger(
+        project=cfg.logger.project, entity=cfg.logger.get("entity"), mode=cfg.logger.mode,
+        group=cfg.experiment_name, name=name, tags=tags,
+        config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir,  # type: ignore[arg-type]
+    )
+
+
+def _dense_reference(loaded: LoadedModel, evaluators: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """The dense model's parameter counts and (cached per model and eval config) evaluation metrics."""
+    dense: dict[str, Any] = count_params(adapter_for(loaded.model))
+    if not cfg.dense_reference or not evaluators:
+        return dense
+    path = results.dense_cache_path(loaded.key, OmegaConf.to_container(cfg.eval, resolve=True))
+    if path.is_file() and not cfg.force:
+        return dense | json.loads(path.read_text())["metrics"]
+    log.info("evaluating the dense model once (cached at %s)", path)
+    metrics: dict[str, Any] = {}
+    for evaluator in evaluators.values():
+        metrics |= evaluator(loaded.model, loaded.tokenizer)
+    results.write_json_atomic(path, {"metrics": metrics, "model": loaded.provenance})
+    return dense | metrics
+
+
+def _save_model(loaded: LoadedModel, target: Path) -> None:
+    """save_pretrained (safetensors) into a temporary directory, then rename into place."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    loaded.model.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path) -> None:
+    flat = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
+    flat |= {f"dense/{k}": v for k, v in record["dense_metrics"].items() if isinstance(v, (int, float))}
+    logger.log_metrics(flat)
+    plan = record["plan"]
+    if plan["drop_layers"]:
+        logger.log_table("plan/removed_layers", ["layer"], [[i] for i in plan["drop_layers"]])
+    logger.log_file(run_dir / "prune_plan.json", name=f"plan-{run_dir.name or 'run'}"[:120], kind="prune_plan")

@@ -1,0 +1,79 @@
+"""The CLI end to end on tiny models: a multirun grid, skip-on-rerun, bad input, save and reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import REPO
+
+METHODS = "dense,shortgpt,relative_magnitude,last_layers,random_layers"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args, f"paths.outputs_root={cwd}/outputs"],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_multirun_grid_writes_results_and_resumes(tmp_path: Path) -> None:
+    first = run_cli("-m", "debug=tiny", f"method={METHODS}", "ratio=0.25", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    files = sorted((tmp_path / "outputs" / "adhoc").glob("*/results.json"))
+    assert len(files) == 5
+    for f in files:
+        record = json.loads(f.read_text())
+        assert record["status"] == "complete"
+        m = record["metrics"]
+        assert {"ppl/wikitext2", "params/total", "params/non_embedding", "params/removed_frac",
+                "time/prune_s", "mem/prune_peak_gb"} <= set(m)
+        assert record["provenance"]["git_commit"] is None or len(record["provenance"]["git_commit"]) == 40
+        assert "method=" in f.parent.name and "ratio=0.25" in f.parent.name
+        if record["plan"]["method"] != "dense":
+            assert m["layers/removed"] == 1 and m["params/removed_frac"] > 0
+    second = run_cli("-m", "debug=tiny", f"method={METHODS}", "ratio=0.25", cwd=tmp_path)
+    assert second.returncode == 0
+    assert second.stdout.count("skip:") == 5
+
+
+def test_bad_ratio_is_one_line_error_and_no_results(tmp_path: Path) -> None:
+    out = run_cli("debug=tiny", "method=shortgpt", "ratio=1.5", cwd=tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ratio=1.5" in errors[0] and "ratio=0.25" in errors[0]
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_unreachable_ratio_and_unknown_names_fail(tmp_path: Path) -> None:
+    out = run_cli("debug=tiny", "method=last_layers", "ratio=0.9", cwd=tmp_path)
+    assert out.returncode == 2 and "at most 3 can be removed" in out.stderr
+    assert not list(tmp_path.rglob("results.json"))
+    for bad in ("method=nope", "model=nope", "calib=nope"):
+        out = run_cli("debug=tiny", bad, cwd=tmp_path)
+        assert out.returncode != 0 and "Could not find" in out.stderr
+    out = run_cli("debug=tiny", "model.gguf_file=/nonexistent.gguf", "model.random_config=null", cwd=tmp_path)
+    assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_save_true_reloads_with_stock_transformers(tmp_path: Path) -> None:
+    out = run_cli("debug=tiny", "method=shortgpt", "ratio=0.5", "save=true", "hydra.run.dir=" + str(tmp_path / "cell"),
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    model_dir = tmp_path / "cell" / "model"
+    assert (tmp_path / "cell" / "results.json").is_file() and (model_dir / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert reloaded.config.num_hidden_layers == 2
+    # the reloaded model must reproduce the run's own perplexity figure
+    from prune.eval.perplexity import PerplexityEvaluator
+    from prune.models.load import load_tokenizer
+
+    record = json.loads((tmp_path / "cell" / "results.json").read_text())
+    ppl = PerplexityEvaluator(max_windows=2, source="bundled")(reloaded, load_tokenizer("bundled:gpt2"))
+    assert ppl["ppl/wikitext2"] == record["metrics"]["ppl/wikitext2"]
+    assert torch.is_tensor(reloaded.lm_head.weight)
