@@ -74,6 +74,17 @@ class PeakMemory:
             self._thread.join()
 
 
+def derived_metrics(dense: dict[str, Any], pruned: dict[str, Any], prune_s: float) -> dict[str, float]:
+    """Speed-ups against the dense model, the ideal (parameter-proportional) speed-up, and GPU-hours."""
+    from prune.eval.speed import ideal_speedup, speedups
+
+    out: dict[str, float] = {"speed/ideal_speedup": ideal_speedup(dense["params/total"], pruned["params/total"])}
+    out |= speedups(dense, pruned)
+    if torch.cuda.is_available():
+        out["cost/gpu_hours"] = prune_s / 3600 * torch.cuda.device_count()
+    return out
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -93,7 +104,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     for key, spec in described.items():
         label = f"[{spec['convention']}, {spec['slice']}" + (f", preset {spec['preset']}]" if spec.get("preset") else "]")
         lines.append(f"{key:<28} dense {_fmt(dense.get(key, float('nan'))):>9}   pruned {_fmt(m[key]):>9}   {label}")
-    other = sorted(k for k in m if k.startswith(("zs/", "speed/")) and not k.startswith("zs/n"))
-    lines += [f"{k:<28} dense {_fmt(dense.get(k, float('nan'))):>9}   pruned {_fmt(m[k]):>9}" for k in other]
+    shown = ("zs/mean", "speed/prefill_ms", "speed/decode_ms", "speed/throughput_tok_s")
+    lines += [f"{k:<28} dense {_fmt(dense.get(k, float('nan'))):>9}   pruned {_fmt(m[k]):>9}" for k in shown if k in m]
+    ratios = [f"{k.split('/')[1]} {m[k]:.2f}x" for k in sorted(m) if k.endswith("_speedup") and k in m]
+    if any(k.startswith("speed/") and not k.endswith("ideal_speedup") for k in m):
+        lines.append("speed-up vs dense: " + ", ".join(ratios))
     lines.append(f"prune time {m['time/prune_s']:.1f} s, peak memory {m['mem/prune_peak_gb']:.2f} GB")
     return lines

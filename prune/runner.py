@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from prune import provenance, results, tracking
+from prune import plots, provenance, results, tracking
 from prune.data.calibration import build_calibration
 from prune.errors import PruneError
 from prune.eval.params import count_params, removed_fraction
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> float | None:
     """Prune and evaluate one cell; returns the headline metric (WikiText-2 PPL) for sweepers."""
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the summary
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     done = run_dir / results.RESULTS
     if done.exists() and not cfg.force and (not cfg.save or (run_dir / "model").is_dir()):
@@ -65,6 +67,7 @@ def run(cfg: DictConfig) -> float | None:
         else:
             for evaluator in evaluators.values():
                 metrics |= evaluator(loaded.model, loaded.tokenizer)
+        metrics |= results.derived_metrics(dense_metrics, metrics, prune_s)
         if cfg.save:
             _save_model(loaded, run_dir / "model")
         record = {
@@ -77,7 +80,8 @@ def run(cfg: DictConfig) -> float | None:
         }
         (run_dir / "prune_plan.json").write_text(plan.to_json())
         results.write_json_atomic(done, record)
-        _log_run(logger, record, run_dir)
+        plot_files = plots.write_plots(Path(cfg.paths.outputs_root) / cfg.experiment_name)
+        _log_run(logger, record, run_dir, plot_files)
         print("\n".join(results.summary_lines(record)) + f"\nresults: {done}")
         exit_code = 0
         return metrics.get("ppl/wikitext2")
@@ -130,11 +134,13 @@ def _save_model(loaded: LoadedModel, target: Path) -> None:
     tmp.rename(target)
 
 
-def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path) -> None:
+def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path, plot_files: list[Path]) -> None:
     flat = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
     flat |= {f"dense/{k}": v for k, v in record["dense_metrics"].items() if isinstance(v, (int, float))}
     logger.log_metrics(flat)
     plan = record["plan"]
     if plan["drop_layers"]:
         logger.log_table("plan/removed_layers", ["layer"], [[i] for i in plan["drop_layers"]])
-    logger.log_file(run_dir / "prune_plan.json", name=f"plan-{run_dir.name or 'run'}"[:120], kind="prune_plan")
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"plan-{run_dir.name}")[:120]  # W&B artifact name rules
+    logger.log_file(run_dir / "prune_plan.json", name=safe_name, kind="prune_plan")
+    logger.log_images({f"plots/{p.stem}": p for p in plot_files})

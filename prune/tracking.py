@@ -19,6 +19,7 @@ class Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float]) -> None: ...
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
     def log_file(self, path: Path, name: str, kind: str) -> None: ...
+    def log_images(self, images: dict[str, Path]) -> None: ...
     def finish(self, exit_code: int) -> None: ...
 
 
@@ -32,6 +33,9 @@ class NullLogger:
         pass
 
     def log_file(self, path: Path, name: str, kind: str) -> None:
+        pass
+
+    def log_images(self, images: dict[str, Path]) -> None:
         pass
 
     def finish(self, exit_code: int) -> None:
@@ -88,6 +92,10 @@ class WandbLogger:
         artifact = self._wandb.Artifact(name=name, type=kind)
         artifact.add_file(str(path))
         self.run.log_artifact(artifact)
+
+    def log_images(self, images: dict[str, Path]) -> None:
+        if images:
+            self.run.log({key: self._wandb.Image(str(path)) for key, path in images.items()})
 
     def finish(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)

@@ -16,8 +16,8 @@ from tests.conftest import REPO
 METHODS = "dense,shortgpt,relative_magnitude,last_layers,random_layers"
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args, f"paths.outputs_root={cwd}/outputs"],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
@@ -59,6 +59,16 @@ def test_unreachable_ratio_and_unknown_names_fail(tmp_path: Path) -> None:
         assert out.returncode != 0 and "Could not find" in out.stderr
     out = run_cli("debug=tiny", "model.gguf_file=/nonexistent.gguf", "model.random_config=null", cwd=tmp_path)
     assert out.returncode == 2 and "does not exist" in out.stderr
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file")
+    out = run_cli("debug=tiny", f"model.gguf_file={fake}", "model.gguf_sha256=00ff", "model.random_config=null",
+                  cwd=tmp_path)
+    assert out.returncode == 2 and "checksum mismatch" in out.stderr
+    out = run_cli("debug=tiny", "model.path=/nonexistent/dir", "model.random_config=null", cwd=tmp_path)
+    assert out.returncode == 2 and "model.path" in out.stderr
+    out = run_cli("model=llama2_7b", "logger=none", "eval=none", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "model.path=" in out.stderr
+    assert not list(tmp_path.rglob("results.json"))
 
 
 def test_save_true_reloads_with_stock_transformers(tmp_path: Path) -> None:
@@ -77,3 +87,13 @@ def test_save_true_reloads_with_stock_transformers(tmp_path: Path) -> None:
     ppl = PerplexityEvaluator(max_windows=2, source="bundled")(reloaded, load_tokenizer("bundled:gpt2"))
     assert ppl["ppl/wikitext2"] == record["metrics"]["ppl/wikitext2"]
     assert torch.is_tensor(reloaded.lm_head.weight)
+
+
+def test_wandb_offline_run_is_written(tmp_path: Path) -> None:
+    env_mode = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, str(REPO / "run.py"), "debug=tiny", "logger=wandb", "method=last_layers",
+                          "ratio=0.25", f"hydra.run.dir={tmp_path}/cell"], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, **env_mode}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = list((tmp_path / "cell" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
 
+from prune.data.sources import hub_reachable
 from prune.errors import PruneError
 from prune.paths import bundled, cache_dir
 
@@ -134,8 +135,10 @@ def _load_directory(path: Path, cfg: DictConfig, dtype: torch.dtype) -> LoadedMo
 
 def _load_hub(cfg: DictConfig, dtype: torch.dtype) -> LoadedModel:
     revision = cfg.get("revision")
+    # Without a reachable Hub, read the local HF cache only instead of waiting on retries.
+    offline = not hub_reachable()
     try:
-        model = _from_pretrained(cfg.hub_id, cfg, dtype, revision=revision)
+        model = _from_pretrained(cfg.hub_id, cfg, dtype, revision=revision, local_files_only=offline)
         tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.hub_id)
     except OSError as err:
         raise PruneError(
