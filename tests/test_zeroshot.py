@@ -6,7 +6,8 @@ the same records, give identical per-item choices and identical accuracy") build
 copy of lm-eval's stock task YAML with only its data source pointed at the bundled file, and compares the
 two task by task: every record's prompt, choices and target, then the requests and per-item accuracy of a
 model run. The `slow` variant repeats the model run on the real reference model named by
-``PRUNE_REFERENCE_MODEL_DIR`` (skipped when unset); ``PRUNE_ZS_ACCEPTANCE_LIMIT`` caps its items per task.
+``PRUNE_REFERENCE_MODEL_DIR`` (default: the embedded SmolLM2-135M); ``PRUNE_ZS_ACCEPTANCE_LIMIT`` caps its items per
+task (default 200; 0 = all).
 """
 
 from __future__ import annotations
@@ -344,8 +345,12 @@ def test_bundled_task_accuracy_equals_stock_copy(task, tiny_model, tokenizer, ta
 @pytest.fixture(scope="module")
 def reference_model() -> tuple[Any, Any]:
     path = os.environ.get("PRUNE_REFERENCE_MODEL_DIR")
-    if not path:
-        pytest.skip("PRUNE_REFERENCE_MODEL_DIR is not set")
+    if not path:  # default: the embedded reference model (SmolLM2-135M), converted and cached on first use
+        from prune.models.load import load_model_and_tokenizer
+        from tests.conftest import compose_config
+
+        loaded = load_model_and_tokenizer(compose_config().model)
+        return loaded.model, loaded.tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -357,7 +362,6 @@ def reference_model() -> tuple[Any, Any]:
 @pytest.mark.parametrize("task", DEFAULT_TASKS)
 def test_bundled_task_accuracy_equals_stock_copy_reference_model(task, reference_model, task_manager,
                                                                  stock_data_dir):
-    limit = os.environ.get("PRUNE_ZS_ACCEPTANCE_LIMIT")
+    limit = int(os.environ.get("PRUNE_ZS_ACCEPTANCE_LIMIT", "200"))  # 0 = every record (hours on a CPU)
     model, tokenizer = reference_model
-    assert_same_accuracy(model, tokenizer, task, task_manager, stock_data_dir,
-                         limit=int(limit) if limit else None)
+    assert_same_accuracy(model, tokenizer, task, task_manager, stock_data_dir, limit=limit or None)
