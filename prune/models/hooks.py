@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +32,70 @@ def layer_io(adapter: ModelAdapter, callback: LayerIOCallback) -> Iterator[None]
 
         handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def skip_layers(adapter: ModelAdapter, indices: list[int]) -> Iterator[None]:
+    """Turn the given decoder layers into the identity (output = input) while the context is open.
+
+    Used to score a removal without deleting anything; equals `surgery.drop_layers` numerically.
+    """
+
+    def identity(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        return adapter.with_hidden(out, adapter.layer_input(args, kwargs))
+
+    handles = [adapter.layer(i).register_forward_hook(identity, with_kwargs=True) for i in indices]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _scaled_output(
+    adapter: ModelAdapter, i: int, scales: torch.Tensor, skip: Collection[int], site: str
+) -> Callable[..., Any]:
+    """The forward hook body of `layer_scales` for layer `i` (see there)."""
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        x_in = adapter.layer_input(args, kwargs)
+        if i in skip:  # a masked layer passes its input through unchanged
+            return adapter.with_hidden(out, x_in)
+        h = adapter.hidden(out)
+        s = scales[i].to(h.dtype)
+        h = h * s if site == "output" else x_in + s * (h - x_in)
+        return adapter.with_hidden(out, h)
+
+    return hook
+
+
+@contextmanager
+def layer_scales(
+    adapter: ModelAdapter, scales: torch.Tensor, skip: Collection[int] = (), site: str = "output"
+) -> Iterator[None]:
+    """Multiply each decoder layer's output by a scalar, and turn the layers in `skip` into the identity.
+
+    ``site="output"`` scales the whole output, residual included: ``x_{i+1} = S[i]·Layer_i(x_i)`` (ELDeR/TRSP
+    stage 1). ``site="delta"`` scales only what the layer adds to its input: ``x_{i+1} = x_i + S[i]·(Layer_i(x_i)
+    - x_i)``. `skip` is read on every call, so a caller may add layers to it while the hooks are attached.
+
+    Args:
+        adapter: the model's adapter.
+        scales: Tensor[num_layers] (e.g. an ``nn.Parameter``; gradients flow into it).
+        skip: indices of layers whose output is replaced by their input.
+        site: ``output`` | ``delta``.
+    """
+    if site not in ("output", "delta"):
+        raise ValueError(f"unknown scale site '{site}'; choose output or delta")
+    handles = [
+        layer.register_forward_hook(_scaled_output(adapter, i, scales, skip, site), with_kwargs=True)
+        for i, layer in enumerate(adapter.layers())
+    ]
     try:
         yield
     finally:
