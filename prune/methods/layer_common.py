@@ -12,6 +12,7 @@ from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io
+from prune.types import PrunePlan
 
 ROUNDING = "ceil(ratio * num_layers), as SLEB and TRSP round"
 
@@ -62,3 +63,14 @@ def mean_layer_statistic(
 def lowest(scores: list[float], n: int) -> list[int]:
     """Indices of the `n` lowest scores (ties: the lower index first), ascending."""
     return sorted(sorted(range(len(scores)), key=lambda i: (scores[i], i))[:n])
+
+
+def one_shot_plan(method: str, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float,
+                  statistic: TokenStatistic, score_name: str, batch_size: int = 1) -> PrunePlan:
+    """Score every layer once with `statistic` and remove the ⌈ratio·L⌉ lowest (ShortGPT's procedure)."""
+    if calib is None:
+        raise PruneError(f"{method} needs calibration data; do not set calib=null")
+    n = layers_to_remove(ratio, adapter.num_layers())
+    scores = mean_layer_statistic(adapter, calib, statistic, batch_size)
+    return PrunePlan(method=method, ratio=ratio, ratio_unit="layers", drop_layers=lowest(scores, n),
+                     scores={score_name: scores}, info={"rounding": ROUNDING, "layers_removed": n})

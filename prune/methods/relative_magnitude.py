@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from prune.data.calibration import CalibrationSet
-from prune.errors import PruneError
-from prune.methods.layer_common import ROUNDING, layers_to_remove, lowest, mean_layer_statistic
+from prune.methods.layer_common import one_shot_plan
 from prune.models.adapter import ModelAdapter
 from prune.types import PrunePlan
 
@@ -35,11 +34,4 @@ class RelativeMagnitude:
         self.batch_size = batch_size
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("relative_magnitude needs calibration data; do not set calib=null")
-        n = layers_to_remove(ratio, adapter.num_layers())
-        scores = mean_layer_statistic(adapter, calib, relative_magnitude, self.batch_size)
-        return PrunePlan(
-            method="relative_magnitude", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=lowest(scores, n),
-            scores={"relative_magnitude": scores}, info={"rounding": ROUNDING, "layers_removed": n},
-        )
+        return one_shot_plan("relative_magnitude", adapter, calib, ratio, relative_magnitude, "relative_magnitude", self.batch_size)

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from prune.data.calibration import CalibrationSet
-from prune.errors import PruneError
-from prune.methods.layer_common import ROUNDING, layers_to_remove, lowest, mean_layer_statistic
+from prune.methods.layer_common import one_shot_plan
 from prune.models.adapter import ModelAdapter
 from prune.types import PrunePlan
 
@@ -36,11 +35,4 @@ class ShortGPT:
         self.batch_size = batch_size
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("shortgpt needs calibration data; do not set calib=null")
-        n = layers_to_remove(ratio, adapter.num_layers())
-        scores = mean_layer_statistic(adapter, calib, block_influence, self.batch_size)
-        return PrunePlan(
-            method="shortgpt", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=lowest(scores, n),
-            scores={"block_influence": scores}, info={"rounding": ROUNDING, "layers_removed": n},
-        )
+        return one_shot_plan("shortgpt", adapter, calib, ratio, block_influence, "block_influence", self.batch_size)
