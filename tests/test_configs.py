@@ -53,3 +53,12 @@ def test_every_config_file_has_a_header_comment() -> None:
     for path in Path(CONF).rglob("*.yaml"):
         first = path.read_text().lstrip().splitlines()[0]
         assert first.startswith("#"), f"{path} needs a header comment"
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = compose_config(f"experiment={experiment}")
+    assert cfg.experiment_name == experiment
