@@ -132,7 +132,8 @@ class LaCo:
         alive = list(range(adapter.num_layers()))
         highest = len(alive) - 1 if self.highest is None else self.highest
         merges: list[dict[str, Any]] = []
-        removed, pos = 0, highest - self.merge_layers
+        # The official scan starts at H − C; clamp for models with fewer than C layers above L.
+        removed, pos = 0, max(highest - self.merge_layers, self.lowest)
         backups: list[tuple[int, dict[str, torch.Tensor]]] = []
         try:
             while pos >= self.lowest and removed < target:
