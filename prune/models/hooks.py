@@ -80,9 +80,10 @@ def layer_scales(
 ) -> Iterator[None]:
     """Multiply each decoder layer's output by a scalar, and turn the layers in `skip` into the identity.
 
-    ``site="output"`` scales the whole output, residual included: ``x_{i+1} = S[i]·Layer_i(x_i)`` (ELDeR/TRSP
-    stage 1). ``site="delta"`` scales only what the layer adds to its input: ``x_{i+1} = x_i + S[i]·(Layer_i(x_i)
-    - x_i)``. `skip` is read on every call, so a caller may add layers to it while the hooks are attached.
+    ``site="output"`` scales the whole output, residual included: ``x_{i+1} = S[i]·Layer_i(x_i)``
+    (ELDeR/TRSP stage 1). ``site="delta"`` scales only what the layer adds to its input:
+    ``x_{i+1} = x_i + S[i]·(Layer_i(x_i) - x_i)``. `skip` is read on every call, so a caller may add layers
+    to it while the hooks are attached.
 
     Args:
         adapter: the model's adapter.

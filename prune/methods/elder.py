@@ -1,0 +1,475 @@
+"""ELDeR / TRSP (Feng, Wu, Liu, Zhang, Fang, Jin, Che, Shao, Wen, Tao; arXiv 2505.18232, v1 "ELDeR: Getting
+Efficient LLMs through Data-Driven Regularized Layer-wise Pruning", v2+ "TRSP: Two-Stage Regularization-Based
+Structured Pruning for LLMs", ACL 2026). Ratio unit: layers, ⌈ratio·L⌉ removed (`layers_to_remove`).
+
+Stage 1, layer weights. Every decoder layer gets a learnable scalar S[i] (init 1) multiplying its whole
+output, residual included: x_{i+1} = S[i]·Layer_i(x_i). Loss = CE + λ1·Σ_{i alive} |S[i]| (λ1 = 5e-3).
+After each round the alive, selectable layer with the smallest |S| is masked (skipped: output = input) and S
+is re-learned for the rest, until ⌈ratio·L⌉ layers are masked; they form P.
+
+Two exact properties of this parametrisation (tests/test_elder.py checks both): (1) the final norm is
+scale-invariant, so the CE never sees the scale of the last alive layer; L1 alone drives it down and it is
+selected first, then the next one becomes last, and so on: unprotected, stage 1 removes the top layers. The
+code's ``alive_list[3:-4]`` (``protect_last=4``) is what prevents this. (2) An identity layer k is not singled
+out: only S[k-1]·S[k] reaches the loss, so the two scales stay equal. ``scale_site=delta`` (scale only what a
+layer adds) makes an identity layer's scale invisible to the loss instead; it is a deviation, off by default.
+
+Stage 2, regularisation. The scalars are discarded, the layers of P are active again, and all weights train on
+CE + λ2·Σ_{i∈P} ‖X_out^i − X_in^i‖ (ℓ2 default, ℓ1 option; λ2 = 1e-3) with AdamW (lr 2e-5, linear schedule,
+3% warm-up, weight decay 0), which pushes the P layers toward the identity and moves what they do into the
+kept layers. The returned plan drops P; the weights are updated in place, so the pruned model is a stock HF
+model with fewer layers.
+
+Official code read as a hint only (it does not run as released): github.com/fmk345/TRSP @ 9fb3435
+(``finetune.py``, ``utils/opt/modeling_opt.py``, ``utils/onoff_utils/onoff_{opt,llama}.py``).
+
+NOTE(faithfulness), paper (as summarised in specs/methods.md §3) vs code vs here:
+- Stage-1 trainables: the paper learns the layer weights S; the code's optimiser holds S *and* every model
+  weight (one AdamW, lr 2e-5). Default here: S only (``stage1_trainable=scales``); ``all`` is the code's
+  choice (weights then use ``stage1_weight_lr``).
+- S learning rate: not given by the paper; the code's 2e-5 moves S by ~2e-5 per step, so its ranking is set
+  by the signs of the first Adam steps. ``stage1_lr`` (own default 5e-2) lets S reach an equilibrium.
+- Selection: smallest |S| here; the code sorts the signed S. The code never selects the first 3 or last 4
+  layers (``alive_list[3:-4]``); here ``protect_first`` / ``protect_last`` (default 0, code 3 / 4).
+- L1 weight: paper λ1 = 5e-3; the code hard-codes 100·‖S‖₁. Stage-2 weight: paper λ2 = 1e-3; the code
+  multiplies by 1e-4 and (as released) never activates the term; here it is active for all of P at once.
+- ‖X_out − X_in‖: the code takes the Frobenius norm of the whole batch tensor with per-device batch 1; here
+  the Frobenius (ℓ2) or entrywise ℓ1 norm of each sequence's [T, d] difference, averaged over sequences, so
+  the loss does not depend on how a batch is split across micro-batches or processes.
+- Labels: full next-token CE over every token (``labels=all``); ``last_token`` reproduces the code's
+  SLEB-style labels (all but the last position ignored).
+- Schedule: one fresh AdamW + linear schedule per stage-1 round (the code shares one schedule over both
+  stages). Steps default to one epoch over the calibration windows per round and for stage 2 (the code
+  accumulates to a global batch of 1024).
+- The S scalars only select P: stage 2 and the exported model run without them (the code's stage-2 OPT layer
+  never applies its scale either).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from prune.data.calibration import CalibrationSet
+from prune.errors import PruneError
+from prune.methods.layer_common import ROUNDING, layers_to_remove
+from prune.models.adapter import ModelAdapter
+from prune.models.hooks import layer_io, layer_scales
+from prune.types import PrunePlan
+
+log = logging.getLogger(__name__)
+
+# (input_ids[B, T], target_mask[B, T]) -> named scalar loss terms of one micro-batch.
+DataLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class Elder:
+    """ELDeR/TRSP layer pruning: iterative L1-regularised layer weights, then I/O-difference regularisation.
+
+    Args:
+        lambda1: weight of the L1 term on the layer scalars (stage 1).
+        lambda2: weight of the I/O-difference term on the selected layers (stage 2).
+        reg_norm: ``l2`` (Frobenius, paper default) | ``l1`` (entrywise) norm of X_out − X_in per sequence.
+        iterative: mask one layer per round (paper); ``False`` is the "w/o W" ablation (one round, one shot).
+        stage2: run stage 2; ``False`` is the "w/o R" ablation.
+        stage1_trainable: ``scales`` (paper) | ``all`` (code: the model weights train in stage 1 too).
+        stage2_trainable: ``all`` (paper) | ``neighbours`` (memory-light deviation: only the layers of P and
+            the layers adjacent to them train; embeddings and head frozen).
+        scale_site: ``output`` (paper: S multiplies the whole output, residual included) | ``delta``
+            (deviation: S multiplies only what the layer adds, x + S·(Layer(x) − x)).
+        protect_first / protect_last: never select the first / last this many layers (code: 3 / 4).
+        labels: ``all`` next-token targets | ``last_token`` (the code's SLEB labels).
+        stage1_lr: AdamW lr of the scalars. stage1_weight_lr: lr of the weights when stage1_trainable=all.
+        stage2_lr: AdamW lr of stage 2. warmup_ratio, weight_decay: both stages' schedule and AdamW decay.
+        stage1_steps_per_round / stage2_steps: optimiser steps; ``None`` derives them from the epochs.
+        stage1_epochs_per_round / stage2_epochs: passes over the calibration windows when steps are ``None``.
+        batch_size: sequences per forward pass (micro-batch) and process.
+        grad_accum: micro-batches per optimiser step *in total*; under ``accelerate launch`` they are split
+            over the processes: the global batch (batch_size·grad_accum) does not depend on the process count.
+        seqlen: cut each calibration window into pieces of this many tokens (``None``: whole windows).
+        bf16: autocast to bfloat16 on CUDA (trainable weights kept in float32 meanwhile); ignored on CPU.
+        gradient_checkpointing: recompute decoder layers in the backward pass.
+        ce_chunk: positions per LM-head slice in the loss (slices are recomputed in the backward pass).
+        seed: order of the calibration windows.
+        progress: tqdm progress bars (main process only).
+    """
+
+    ratio_unit = "layers"
+    needs_calibration = True
+
+    def __init__(
+        self, lambda1: float = 5e-3, lambda2: float = 1e-3, reg_norm: str = "l2", iterative: bool = True,
+        stage2: bool = True, stage1_trainable: str = "scales", stage2_trainable: str = "all",
+        scale_site: str = "output", protect_first: int = 0, protect_last: int = 0, labels: str = "all",
+        stage1_lr: float = 5e-2, stage1_weight_lr: float = 2e-5, stage2_lr: float = 2e-5,
+        warmup_ratio: float = 0.03, weight_decay: float = 0.0, stage1_steps_per_round: int | None = None,
+        stage1_epochs_per_round: float = 1.0, stage2_steps: int | None = None, stage2_epochs: float = 1.0,
+        batch_size: int = 1, grad_accum: int = 8, seqlen: int | None = None, bf16: bool = True,
+        gradient_checkpointing: bool = False, ce_chunk: int = 1024, seed: int = 0, progress: bool = True,
+    ) -> None:
+        choices = [("reg_norm", reg_norm, ("l1", "l2")), ("labels", labels, ("all", "last_token")),
+                   ("stage1_trainable", stage1_trainable, ("scales", "all")),
+                   ("stage2_trainable", stage2_trainable, ("all", "neighbours")),
+                   ("scale_site", scale_site, ("output", "delta"))]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise PruneError(f"method.{name}={value} is not one of {', '.join(allowed)}")
+        if batch_size < 1 or grad_accum < 1:
+            raise PruneError("method.batch_size and method.grad_accum must be >= 1")
+        self.lambda1, self.lambda2, self.reg_norm = lambda1, lambda2, reg_norm
+        self.iterative, self.stage2 = iterative, stage2
+        self.stage1_trainable, self.stage2_trainable = stage1_trainable, stage2_trainable
+        self.scale_site = scale_site
+        self.protect_first, self.protect_last, self.labels = protect_first, protect_last, labels
+        self.stage1_lr, self.stage1_weight_lr, self.stage2_lr = stage1_lr, stage1_weight_lr, stage2_lr
+        self.warmup_ratio, self.weight_decay = warmup_ratio, weight_decay
+        self.stage1_steps_per_round = stage1_steps_per_round
+        self.stage1_epochs_per_round = stage1_epochs_per_round
+        self.stage2_steps, self.stage2_epochs = stage2_steps, stage2_epochs
+        self.batch_size, self.grad_accum, self.seqlen = batch_size, grad_accum, seqlen
+        self.bf16, self.gradient_checkpointing, self.ce_chunk = bf16, gradient_checkpointing, ce_chunk
+        self.seed, self.progress = seed, progress
+
+    def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
+        if calib is None:
+            raise PruneError("elder needs calibration data; do not set calib=null")
+        num_layers = adapter.num_layers()
+        n = layers_to_remove(ratio, num_layers)
+        candidates = list(range(self.protect_first, num_layers - self.protect_last))
+        if len(candidates) < n:
+            raise PruneError(f"ratio={ratio} removes {n} layers but protect_first={self.protect_first} and "
+                             f"protect_last={self.protect_last} leave {len(candidates)}; lower them")
+        dist = _Dist.create(adapter.model)
+        if dist.n > self.grad_accum:
+            raise PruneError(f"{dist.n} processes but method.grad_accum={self.grad_accum} micro-batches per step; "
+                             f"set method.grad_accum to a multiple of {dist.n}")
+        data = self._windows(calib)
+        info: dict[str, Any] = {
+            "rounding": ROUNDING, "layers_removed": n, "protect_first": self.protect_first,
+            "protect_last": self.protect_last, "selectable": candidates, "iterative": self.iterative,
+            "stage2": self.stage2, "stage1_trainable": self.stage1_trainable, "scale_site": self.scale_site,
+            "stage2_trainable": self.stage2_trainable, "labels": self.labels, "reg_norm": self.reg_norm,
+            "train_windows": list(data.ids.shape), "global_batch": self.batch_size * self.grad_accum,
+            "processes": dist.n,
+        }
+        if n == 0:
+            return PrunePlan(method="elder", ratio=ratio, ratio_unit=self.ratio_unit, info=info)
+        with _training_mode(adapter.model, self.gradient_checkpointing):
+            t0 = time.perf_counter()
+            order, rounds, curves1 = self._stage1(adapter, data, dist, n, candidates)
+            info |= {"selection_order": order, "rounds": rounds, "stage1_curves": curves1,
+                     "time_stage1_s": time.perf_counter() - t0}
+            if self.stage2:
+                t1 = time.perf_counter()
+                info["stage2_curves"] = self._stage2(adapter, data, dist, sorted(order))
+                info["time_stage2_s"] = time.perf_counter() - t1
+        first = rounds[0]["scales"]
+        return PrunePlan(method="elder", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=sorted(order),
+                         scores={"abs_scale_round1": [abs(s) for s in first]}, info=info)
+
+    # ---- stage 1 ---------------------------------------------------------------------------------------
+
+    def _stage1(self, adapter: ModelAdapter, data: _Windows, dist: _Dist, n: int, candidates: list[int]
+                ) -> tuple[list[int], list[dict[str, Any]], dict[str, list]]:
+        """Learn the layer scalars round by round; mask the smallest |S| after each round (Eq. stage 1)."""
+        model = adapter.model
+        num_layers = adapter.num_layers()
+        scales = nn.Parameter(torch.ones(num_layers, device=dist.device(model), dtype=torch.float32))
+        masked: list[int] = []  # read by the hooks on every call: masking takes effect at once
+        rounds: list[dict[str, Any]] = []
+        curves: dict[str, list] = {"ce": [], "l1": [], "loss": [], "lr": [], "scales": [], "round": []}
+        weights = [p for p in model.parameters()] if self.stage1_trainable == "all" else []
+        steps = self._steps(self.stage1_steps_per_round, self.stage1_epochs_per_round, len(data))
+        stream = data.stream(self.seed)  # one stream over all rounds: later rounds see new windows
+
+        def data_loss(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"ce": self._ce(model, ids, mask)}
+
+        with layer_scales(adapter, scales, masked, self.scale_site):
+            for r in range(n if self.iterative else 1):
+                alive = [i for i in range(num_layers) if i not in masked]
+                alive_t = torch.tensor(alive, device=scales.device)
+
+                def penalty() -> torch.Tensor:
+                    return self.lambda1 * scales[alive_t].abs().sum()
+
+                groups = [{"params": [scales], "lr": self.stage1_lr}]
+                if weights:
+                    groups.append({"params": weights, "lr": self.stage1_weight_lr})
+                before = len(curves["ce"])
+                self._train(model, data, stream, groups, steps, data_loss, penalty, dist,
+                            f"elder stage 1 round {r + 1}", curves,
+                            lambda: {"scales": scales.detach().cpu().tolist()})
+                curves["round"] += [r] * (len(curves["ce"]) - before)
+                selectable = [i for i in candidates if i not in masked]
+                ranked = sorted(selectable, key=lambda i: (abs(scales[i].item()), i))
+                picked = ranked[:1] if self.iterative else ranked[:n]
+                masked.extend(picked)
+                rounds.append({"round": r, "scales": scales.detach().cpu().tolist(), "selected": picked})
+                log.info("elder stage 1 round %d: masked %s (|S| = %s)", r + 1, picked,
+                         [round(abs(scales[i].item()), 4) for i in picked])
+        return list(masked), rounds, curves
+
+    # ---- stage 2 ---------------------------------------------------------------------------------------
+
+    def _stage2(self, adapter: ModelAdapter, data: _Windows, dist: _Dist, selected: list[int]
+                ) -> dict[str, list]:
+        """Train the weights on CE + λ2·Σ_{i∈P} ‖X_out^i − X_in^i‖, the layers of P active (Eq. stage 2)."""
+        model = adapter.model
+        if self.stage2_trainable == "all":
+            params = list(model.parameters())
+        else:  # NOTE(faithfulness): memory-light deviation, not in the paper
+            near = sorted({j for i in selected for j in (i - 1, i, i + 1) if 0 <= j < adapter.num_layers()})
+            params = [p for j in near for p in adapter.layer(j).parameters()]
+        terms: dict[int, torch.Tensor] = {}
+        seen = {i: [0.0, 0] for i in selected}  # this process's per-layer ‖X_out − X_in‖ sums, for the curves
+
+        def capture(i: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+            if i in seen:
+                terms[i] = self._io_norm(x_out, x_in)
+                seen[i][0] += terms[i].item()
+                seen[i][1] += 1
+
+        def data_loss(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            terms.clear()
+            ce = self._ce(model, ids, mask)
+            return {"ce": ce, "reg": self.lambda2 * torch.stack(list(terms.values())).sum()}
+
+        def per_layer() -> dict[str, Any]:
+            norms = [total / max(count, 1) for total, count in seen.values()]
+            for v in seen.values():
+                v[:] = [0.0, 0]
+            return {"io_norm_per_layer": norms}
+
+        curves: dict[str, list] = {"ce": [], "reg": [], "loss": [], "lr": [], "io_norm_per_layer": [],
+                                   "layers": selected}
+        steps = self._steps(self.stage2_steps, self.stage2_epochs, len(data))
+        with layer_io(adapter, capture):
+            self._train(model, data, data.stream(self.seed + 1), [{"params": params, "lr": self.stage2_lr}],
+                        steps, data_loss, None, dist, "elder stage 2", curves, per_layer)
+        return curves
+
+    def _io_norm(self, x_out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        """‖X_out − X_in‖ of each sequence's [T, d] matrix, averaged over the micro-batch: a scalar."""
+        diff = (x_out - x_in).float().flatten(1)
+        per_seq = diff.norm(dim=1) if self.reg_norm == "l2" else diff.abs().sum(dim=1)
+        return per_seq.mean()
+
+    # ---- shared training loop ---------------------------------------------------------------------------
+
+    def _train(self, model: nn.Module, data: _Windows, stream: Iterator[torch.Tensor],
+               groups: list[dict[str, Any]], steps: int, data_loss: DataLoss,
+               penalty: Callable[[], torch.Tensor] | None, dist: _Dist, desc: str, curves: dict[str, list],
+               snapshot: Callable[[], dict[str, Any]]) -> None:
+        """AdamW, linear warm-up/decay schedule; one step = ``grad_accum`` micro-batches over all processes.
+
+        Each process runs the micro-batches ``rank, rank + n, ...`` of the step; gradients are summed across
+        processes (each micro-batch loss is already divided by ``grad_accum``), then the penalty, which is the
+        same on every process, adds its gradient once.
+        """
+        from transformers import get_linear_schedule_with_warmup
+
+        device = dist.device(model)
+        autocast = self.bf16 and device.type == "cuda"
+        params = [p for g in groups for p in g["params"]]
+        with _trainable(model, params, upcast=autocast):
+            opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+            sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * steps), steps)
+            bar = tqdm(range(steps), desc=desc, leave=False, disable=not (self.progress and dist.main))
+            for _ in bar:
+                opt.zero_grad(set_to_none=True)
+                batch = next(stream)  # [batch_size * grad_accum] window indices, identical on every process
+                sums: dict[str, torch.Tensor] = {}
+                for j in range(dist.rank, self.grad_accum, dist.n):
+                    idx = batch[j * self.batch_size : (j + 1) * self.batch_size]
+                    ids, mask = data.ids[idx].to(device), data.mask[idx].to(device)
+                    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+                    with ctx:
+                        parts = data_loss(ids, mask)
+                    (sum(parts.values()) / self.grad_accum).backward()  # type: ignore[union-attr]
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0) + v.detach().float() / self.grad_accum
+                dist.sum_grads(params)
+                logged = {k: dist.sum_value(v) for k, v in sorted(sums.items())}
+                if penalty is not None:
+                    pen = penalty()
+                    pen.backward()
+                    logged["l1"] = pen.item()
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                logged["loss"] = sum(logged.values())
+                for key, value in (snapshot() | logged | {"lr": lr}).items():
+                    curves[key].append(value)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
+
+    def _ce(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE over the target positions of `mask`; the LM head runs on slices of the targets
+        and each slice is recomputed in the backward pass, so no [B, T, vocab] logits tensor is stored."""
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
+        keep = mask[:, 1:]
+        h, targets = hidden[keep], ids[:, 1:][keep]  # [K, d], [K]
+        head = model.get_output_embeddings()
+        if len(targets) <= self.ce_chunk:  # one slice: recomputing it would save no memory
+            return _nll_sum(head, h, targets) / max(len(targets), 1)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, len(targets), self.ce_chunk):
+            piece = slice(s, s + self.ce_chunk)
+            total = total + checkpoint(_nll_sum, head, h[piece], targets[piece], use_reentrant=False)
+        return total / len(targets)
+
+    # ---- data -------------------------------------------------------------------------------------------
+
+    def _windows(self, calib: CalibrationSet) -> _Windows:
+        ids, mask = calib.input_ids, calib.target_mask
+        if self.seqlen and self.seqlen < ids.shape[1]:
+            usable = ids.shape[1] // self.seqlen * self.seqlen
+            ids = ids[:, :usable].reshape(-1, self.seqlen)
+            mask = mask[:, :usable].reshape(-1, self.seqlen).clone()
+            mask[:, 0] = False  # the first token of a piece has no context inside the piece
+        if self.labels == "last_token":  # NOTE(faithfulness): the code's SLEB labels, only the last counts
+            last = torch.zeros_like(mask)
+            last[:, -1] = mask[:, -1]
+            mask = last
+        return _Windows(ids, mask, self.batch_size * self.grad_accum)
+
+    def _steps(self, steps: int | None, epochs: float, n_windows: int) -> int:
+        if steps is not None:
+            return int(steps)
+        return max(1, math.ceil(epochs * n_windows / (self.batch_size * self.grad_accum)))
+
+
+def _nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+@dataclass
+class _Windows:
+    """Training windows and the order in which steps draw them (identical on every process)."""
+
+    ids: torch.Tensor  # [N, T]
+    mask: torch.Tensor  # [N, T], target positions
+    global_batch: int
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def stream(self, seed: int) -> Iterator[torch.Tensor]:
+        """Yield ``global_batch`` window indices per step: seeded permutations, epoch after epoch."""
+        gen = torch.Generator().manual_seed(seed)
+        pool = torch.empty(0, dtype=torch.long)
+        while True:
+            while len(pool) < self.global_batch:
+                pool = torch.cat([pool, torch.randperm(len(self), generator=gen)])
+            yield pool[: self.global_batch]
+            pool = pool[self.global_batch :]
+
+
+class _Dist:
+    """Process group view through `accelerate.Accelerator` (one process when not launched by accelerate)."""
+
+    def __init__(self, accelerator: Any | None) -> None:
+        self.acc = accelerator
+        self.n = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.main = self.rank == 0
+
+    @classmethod
+    def create(cls, model: nn.Module) -> _Dist:
+        try:
+            from accelerate import Accelerator
+        except ImportError:  # single process without accelerate
+            return cls(None)
+        acc = Accelerator()
+        dist = cls(acc)
+        if dist.n > 1 and getattr(model, "hf_device_map", None) is None and acc.device.type != "cpu":
+            model.to(acc.device)  # one device per process (the runner loaded every copy on the default one)
+        return dist
+
+    def device(self, model: nn.Module) -> torch.device:
+        return next(model.parameters()).device
+
+    def sum_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients of `params` over all processes, in one flat all-reduce."""
+        if self.n == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+
+    def sum_value(self, value: torch.Tensor) -> float:
+        if self.n > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+        return float(value)
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 name first
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+@contextmanager
+def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """Train mode, all weights frozen (loops unfreeze what they train), optional checkpointing; all undone."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    had_attr = hasattr(model, "_require_grads_hooks")
+    checkpointing = gradient_checkpointing and not _is_checkpointing(model)
+    for p, _ in flags:
+        p.requires_grad_(False)
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})  # type: ignore[operator]
+        model.disable_input_require_grads()  # type: ignore[operator]  # only reentrant checkpointing needs it
+    model.train()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            model.activation_checkpointing_disable()  # type: ignore[operator]
+            for attr in ("_require_grads_hooks", "_require_grads_hook"):
+                if not had_attr and hasattr(model, attr):
+                    delattr(model, attr)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+
+
+@contextmanager
+def _trainable(model: nn.Module, params: list[nn.Parameter], upcast: bool) -> Iterator[None]:
+    """Unfreeze `params` (model weights in float32 under autocast) for one loop; refreeze, cast back after."""
+    casts = []
+    in_model = {id(q) for q in model.parameters()}
+    for p in params:
+        p.requires_grad_(True)
+        if upcast and p.dtype in (torch.bfloat16, torch.float16):
+            casts.append((p, p.dtype))
+            p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p in params:
+            p.grad = None
+        for p, dtype in casts:
+            p.data = p.data.to(dtype)
+        for p in params:
+            if id(p) in in_model:
+                p.requires_grad_(False)
