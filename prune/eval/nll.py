@@ -1,7 +1,7 @@
 """Next-token negative log-likelihood without materialising the full ``[B, T, vocab]`` logits.
 
 The decoder's last hidden state goes through the LM head a slice of positions at a time, so peak memory
-stays at ``B x chunk x vocab`` floats instead of ``B x T x vocab`` (4 GB for a 2048 x 32000 fp32 batch of 16).
+stays bounded by ``B x chunk x vocab`` floats instead of ``B x T x vocab`` (4 GB for a 2048 x 32000 fp32 batch of 16).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from torch import nn
 
 
 def sequence_nll(
-    model: nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor | None = None, chunk: int = 512
+    model: nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor | None = None, chunk: int | None = None,
+    max_logit_elements: int = 2**27,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and target count per sequence.
 
@@ -21,13 +22,16 @@ def sequence_nll(
         input_ids: LongTensor[B, T].
         target_mask: BoolTensor[B, T]; position t counts as the target predicted from t-1. ``None`` counts
             every position 1..T-1.
-        chunk: positions per LM-head slice.
+        chunk: positions per LM-head slice; ``None`` = as many as keep ``B x chunk x vocab`` within
+            ``max_logit_elements`` (512 MB of fp32 by default: one slice per window for small models).
 
     Returns:
         ``(nll_sum[B], n_targets[B])``, float64 and int64, on the CPU.
     """
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
     head = model.get_output_embeddings()
+    if chunk is None:
+        chunk = max(1, max_logit_elements // (input_ids.shape[0] * head.weight.shape[0]))
     targets = input_ids[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool) if target_mask is None else target_mask[:, 1:]
     nll = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device)
