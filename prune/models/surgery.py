@@ -49,7 +49,9 @@ def drop_layers(adapter: ModelAdapter, indices: Iterable[int]) -> None:
 
 def apply(adapter: ModelAdapter, plan: PrunePlan) -> None:
     """Carry out `plan` on the adapter's model, in place."""
-    if plan.drop_attn or plan.drop_mlp:
-        raise PruneError("sub-block removal (drop_attn / drop_mlp) is not supported yet by this version")
+    if plan.drop_attn or plan.drop_mlp:  # before drop_layers: both use the dense model's layer indices
+        from prune.models.blocks import remove_sub_blocks
+
+        remove_sub_blocks(adapter, plan.drop_attn, plan.drop_mlp, dropping_layers=plan.drop_layers)
     if plan.drop_layers:
         drop_layers(adapter, plan.drop_layers)
