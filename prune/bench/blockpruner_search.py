@@ -16,6 +16,7 @@ are identical. Goal: speed-up >= 4x, identical selection.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 
@@ -81,4 +82,6 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(message)s", stream=sys.stderr)  # per-step progress on stderr
+    logging.getLogger("prune.methods.blockpruner").setLevel(logging.INFO)
     print(json.dumps(main(sys.argv[1:]), indent=2))
