@@ -346,6 +346,7 @@ class BlockPruner:
             (layers + candidates) x sequences x seqlen x hidden values; ``cpu`` keeps them off the GPU.
     """
 
+    name = "blockpruner"
     ratio_unit = "params"
     needs_calibration = True
 
@@ -368,8 +369,8 @@ class BlockPruner:
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         if calib is None or len(calib) == 0:
-            raise PruneError("blockpruner needs calibration data: use calib=alpaca (the paper's), not null")
-        candidates = candidate_blocks(adapter.num_layers(), self.unit, self.block_type)
+            raise PruneError(f"{self.name} needs calibration data: set calib= (not null)")
+        candidates = self._candidates(adapter.num_layers())
         total = count_params(adapter)["params/total"]
 
         def removed_params(order: list[Block]) -> int:
@@ -392,10 +393,13 @@ class BlockPruner:
         fracs = [removed_params(order[: j + 1]) / total for j in range(k)]
         return self._plan(ratio, order[:k], fracs, state, done, path)
 
+    def _candidates(self, num_layers: int) -> list[Block]:
+        return candidate_blocks(num_layers, self.unit, self.block_type)
+
     def _check_reachable(self, candidates: list[Block], ratio: float, max_frac: float) -> None:
         if self.num_blocks is not None:
             if self.num_blocks > len(candidates):
-                raise PruneError(f"blockpruner: num_blocks={self.num_blocks} but the model has only "
+                raise PruneError(f"{self.name}: num_blocks={self.num_blocks} but the model has only "
                                  f"{len(candidates)} candidates; use num_blocks <= {len(candidates)}")
         elif ratio > max_frac + 1e-12:
             hint = " or block_type=mix" if self.block_type != "mix" else ""
@@ -450,7 +454,7 @@ class BlockPruner:
             done["steps"] += 1
             if path is not None:
                 _write_atomic(path, state)
-            log.info("blockpruner step %d: removed %s, calibration PPL %.4f", len(state["order"]), chosen[-1],
+            log.info("%s step %d: removed %s, calibration PPL %.4f", self.name, len(state["order"]), chosen[-1],
                      ppls[-1])
             if self.on_step is not None:
                 self.on_step(len(state["order"]))
@@ -546,7 +550,7 @@ class BlockPruner:
             "calibration": tensor_hash(calib.input_ids), "target_mask": tensor_hash(calib.target_mask),
             "dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type,
             "batch_size": self.batch_size, "block_type": self.block_type, "score": self.score,
-            "search": self.search, "unit": self.unit,
+            "search": self.search, "unit": self.unit, "candidates": [_name(c) for c in self._candidates(adapter.num_layers())],
         }
         if not self.cache:
             return None, key
@@ -599,7 +603,7 @@ class BlockPruner:
                         "unit": self.unit, "batch_size": self.batch_size},
         }
         return PrunePlan(
-            method="blockpruner", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=whole,
+            method=self.name, ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=whole,
             drop_attn=sorted(attn - set(whole)), drop_mlp=sorted(mlp - set(whole)),
             scores={"step_ppl": list(ppls)}, info=info,
         )
