@@ -52,3 +52,22 @@ def test_uniform_model_has_perplexity_vocab_size(convention: str) -> None:
     spec = evaluator.describe()["metrics"][f"ppl/wikitext2/{convention}"]
     assert spec["windows"] == 1 and spec["slice"].startswith("first 1 of") and spec["preset"] == "test"
     assert spec["source"] == "bundled:wikitext2-test"
+
+
+def test_nll_lower_bound_is_below_the_exact_nll_and_tight_on_the_full_vocabulary(tiny) -> None:
+    from prune.eval.nll import hidden_nll, likely_tokens, nll_lower_bound
+
+    model = tiny.model
+    ids = random_ids(model.config.vocab_size, batch=2, length=24, seed=3)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    head = model.get_output_embeddings()
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        nll, count = hidden_nll(head, hidden, ids, mask)
+        exact = nll / count
+        subset = likely_tokens(head, hidden, ids, top_k=4)
+        assert set(ids[:, 1:].reshape(-1).tolist()) <= set(subset.tolist()) and len(subset) < head.weight.shape[0]
+        bound = nll_lower_bound(head, hidden, ids, mask, subset)
+        assert torch.all(bound <= exact + 1e-9) and torch.all(bound > 0)
+        full = nll_lower_bound(head, hidden, ids, mask, torch.arange(head.weight.shape[0]))
+        torch.testing.assert_close(full, exact, rtol=1e-5, atol=1e-5)

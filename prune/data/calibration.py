@@ -46,6 +46,16 @@ class CalibrationSet:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def limited(self, sequences: int | None = None, seqlen: int | None = None) -> CalibrationSet:
+        """The first `sequences` windows cut to their first `seqlen` tokens (a CPU preset for searches that
+        run the model once per candidate); the info records both limits and the new token hash."""
+        if sequences is None and seqlen is None:
+            return self
+        ids = self.input_ids[:sequences, :seqlen]
+        info = self.info | {"limited_to": {"sequences": len(ids), "seqlen": int(ids.shape[1])},
+                            "tokens_hash": tensor_hash(ids)}
+        return CalibrationSet(ids, self.target_mask[:sequences, :seqlen], info)
+
 
 def build_calibration(
     tokenizer: Any,

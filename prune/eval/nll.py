@@ -29,7 +29,14 @@ def sequence_nll(
         ``(nll_sum[B], n_targets[B])``, float64 and int64, on the CPU.
     """
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
-    head = model.get_output_embeddings()
+    return hidden_nll(model.get_output_embeddings(), hidden, input_ids, target_mask, chunk, max_logit_elements)
+
+
+def hidden_nll(
+    head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor | None = None,
+    chunk: int | None = None, max_logit_elements: int = 2**27,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_nll` from the decoder's final hidden states ``hidden[B, T-1, d]`` (positions 0..T-2)."""
     if chunk is None:
         chunk = max(1, max_logit_elements // (input_ids.shape[0] * head.weight.shape[0]))
     targets = input_ids[:, 1:]
@@ -41,3 +48,28 @@ def sequence_nll(
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
         nll += (loss.view_as(tgt) * mask[:, s : s + chunk]).sum(dim=1, dtype=torch.float64)
     return nll.cpu(), mask.sum(dim=1).cpu()
+
+
+def likely_tokens(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, top_k: int,
+                  chunk: int = 256) -> torch.Tensor:
+    """Sorted ids of every target token and of the `top_k` highest logits at every position of `hidden`."""
+    found = [input_ids[:, 1:].reshape(-1)]
+    for s in range(0, hidden.shape[1], chunk):
+        found.append(head(hidden[:, s : s + chunk]).topk(top_k, dim=-1).indices.reshape(-1))
+    return torch.unique(torch.cat(found))  # sorted
+
+
+def nll_lower_bound(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
+                    subset: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean NLL lower bound from the logits of a vocabulary `subset` holding every target.
+
+    -log p(y) = logsumexp(all logits) - z_y >= logsumexp(subset logits) - z_y, because the subset's
+    exponentials are a part of the full sum; it costs |subset| / vocab of the LM head. Returns float64[B].
+    """
+    weight = head.weight[subset]
+    z = F.linear(hidden, weight, None if head.bias is None else head.bias[subset]).float()  # [B, T-1, |S|]
+    targets = input_ids[:, 1:]
+    position = torch.searchsorted(subset, targets.contiguous())
+    nll = torch.logsumexp(z, dim=-1) - z.gather(-1, position.unsqueeze(-1)).squeeze(-1)
+    mask = target_mask[:, 1:]
+    return ((nll * mask).sum(dim=1, dtype=torch.float64) / mask.sum(dim=1).clamp_min(1)).cpu()

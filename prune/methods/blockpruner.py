@@ -67,7 +67,7 @@ from torch import nn
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.eval.nll import sequence_nll
+from prune.eval.nll import hidden_nll, likely_tokens, nll_lower_bound, sequence_nll
 from prune.eval.params import count_params
 from prune.methods.relative_magnitude import relative_magnitude
 from prune.methods.shortgpt import block_influence
@@ -81,8 +81,10 @@ log = logging.getLogger(__name__)
 Block = tuple[str, int]  # ("mha" | "mlp" | "layer", dense layer index)
 STATISTICS = {"block_influence": block_influence, "relative_magnitude": relative_magnitude}
 CACHE_VERSION = 1
-STEP_COUNTERS = ("evaluations", "completed", "aborted", "layer_passes", "sequence_passes",
+STEP_COUNTERS = ("evaluations", "completed", "aborted", "bound_stops", "layer_passes", "sequence_passes",
                  "cache_layer_passes")
+TOP_K = 8  # per position, for the vocabulary subset of the loss lower bound
+BOUND_MARGIN = 1e-3  # nats per sequence subtracted from the bound: ~1000x the float32 rounding of a mean NLL
 
 
 def candidate_blocks(num_layers: int, unit: str, block_type: str) -> list[Block]:
@@ -150,6 +152,10 @@ class _Search:
         # Per candidate and batch: (g, the state entering layer g with that candidate removed), kept from its
         # last evaluation. Valid while every removal since then sits at a layer >= g.
         self.resume: dict[Block, dict[int, tuple[int, torch.Tensor]]] = {}
+        self.head = self.model.get_output_embeddings()
+        # Per batch: every target token and the dense model's top-k tokens at every position, sorted; the LM
+        # head on these rows alone bounds a candidate's loss from below (`lower_bound`).
+        self.subsets: list[torch.Tensor] = []
 
     @contextmanager
     def removed(self, removed_blocks: list[Block]) -> Iterator[None]:
@@ -161,6 +167,23 @@ class _Search:
         ids, mask = self.batches[b]
         nll, count = sequence_nll(self.model, ids, mask)
         return (nll / count.clamp_min(1)).tolist()
+
+    def final_hidden(self, b: int) -> torch.Tensor:
+        """The decoder's normed output for batch b at positions 0..T-2 (what the LM head reads)."""
+        return self.model.base_model(input_ids=self.batches[b][0], use_cache=False).last_hidden_state[:, :-1]
+
+    def terms_from(self, b: int, hidden: torch.Tensor) -> list[float]:
+        """`terms` from `final_hidden` (the same arithmetic as `sequence_nll`)."""
+        ids, mask = self.batches[b]
+        nll, count = hidden_nll(self.head, hidden, ids, mask)
+        return (nll / count.clamp_min(1)).tolist()
+
+    def lower_bound(self, b: int, hidden: torch.Tensor) -> float:
+        """A lower bound of Σ terms of batch b from the LM-head rows of the batch's likely tokens, less a
+        margin far above float rounding (so a candidate is never stopped by rounding)."""
+        ids, mask = self.batches[b]
+        bounds = nll_lower_bound(self.head, hidden, ids, mask, self.subsets[b])
+        return float(bounds.sum()) - BOUND_MARGIN * len(ids)
 
     def full_score(self) -> float:
         """Σ_s mean NLL_s over every sequence, in sequence order (the plain search's score)."""
@@ -224,8 +247,11 @@ class _Search:
                 current[0] = b
                 with self.start_at(start, b):
                     if with_head:
-                        for t in self.terms(b):
+                        hidden = self.final_hidden(b)
+                        for t in self.terms_from(b, hidden):
                             total += t
+                        if start == 0 and len(self.subsets) == b:
+                            self.subsets.append(likely_tokens(self.head, hidden, self.batches[b][0], TOP_K))
                     else:
                         self.model.base_model(input_ids=self.batches[b][0], use_cache=False)
         finally:
@@ -250,18 +276,25 @@ class _Search:
         A batch starts at c's layer from the current model's cached input, or further on from c's own state
         kept by its last evaluation (`resume`). With `keep_at`, the state entering that layer is kept for the
         next step. Returns (the sum, True) or, once ``stop(partial sum)`` holds before the last batch,
-        (the partial sum, False).
+        (the partial sum, False). Before a batch's LM head, the partial sum plus a lower bound of the batch's
+        terms (the head on a small vocabulary subset) is tested too, so a losing candidate skips the full head.
         """
         total, kept = 0.0, self.resume.setdefault(c, {})
+        last = len(self.batches) - 1
         for b in range(len(self.batches)):
             start, hidden = kept.get(b, (c[1], None))
             with self.start_at(start, b, hidden), self._keep(kept, b, keep_at if keep_at else -1, start):
-                for t in self.terms(b):
-                    total += t
+                final = self.final_hidden(b)
             n = len(self.batches[b][0])
             stats["layer_passes"] += (self.num_layers - start) * n
             stats["sequence_passes"] += n
-            if stop is not None and b < len(self.batches) - 1 and stop(total):
+            bound = self.lower_bound(b, final) if stop is not None and self.subsets else -math.inf
+            if stop is not None and stop(total + bound):
+                stats["bound_stops"] += 1  # it cannot win: the LM head of this batch is skipped
+                return total + max(bound, 0.0), False
+            for t in self.terms_from(b, final):
+                total += t
+            if stop is not None and b < last and stop(total):
                 return total, False
         return total, True
 
@@ -344,6 +377,8 @@ class BlockPruner:
         cache_key: identify the model by this string instead of its weight fingerprint.
         cache_device: where the fast search keeps its hidden states (default: the model's device): about
             (layers + candidates) x sequences x seqlen x hidden values; ``cpu`` keeps them off the GPU.
+        max_sequences, max_seqlen: search on the first calibration sequences, cut to their first tokens (a
+            CPU preset; ``None`` = all, the paper).
     """
 
     name = "blockpruner"
@@ -352,7 +387,8 @@ class BlockPruner:
 
     def __init__(self, block_type: str = "mix", score: str = "ppl", search: bool = True, unit: str = "block",
                  num_blocks: int | None = None, search_impl: str = "fast", batch_size: int = 1,
-                 cache: bool = True, cache_key: str | None = None, cache_device: str | None = None) -> None:
+                 cache: bool = True, cache_key: str | None = None, cache_device: str | None = None,
+                 max_sequences: int | None = None, max_seqlen: int | None = None) -> None:
         choices = {"block_type": (block_type, ("mix", "mha", "mlp")), "unit": (unit, ("block", "layer")),
                    "score": (score, ("ppl", *STATISTICS)), "search_impl": (search_impl, ("fast", "plain"))}
         for name, (value, allowed) in choices.items():
@@ -365,11 +401,13 @@ class BlockPruner:
         self.block_type, self.score, self.search, self.unit = block_type, score, bool(search), unit
         self.num_blocks, self.search_impl, self.batch_size = num_blocks, search_impl, batch_size
         self.cache, self.cache_key, self.cache_device = cache, cache_key, cache_device
+        self.max_sequences, self.max_seqlen = max_sequences, max_seqlen
         self.on_step: Callable[[int], None] | None = None  # after each saved step (tests interrupt here)
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         if calib is None or len(calib) == 0:
             raise PruneError(f"{self.name} needs calibration data: set calib= (not null)")
+        calib = calib.limited(self.max_sequences, self.max_seqlen)
         candidates = self._candidates(adapter.num_layers())
         total = count_params(adapter)["params/total"]
 
@@ -550,6 +588,7 @@ class BlockPruner:
             "calibration": tensor_hash(calib.input_ids), "target_mask": tensor_hash(calib.target_mask),
             "dtype": str(param.dtype).removeprefix("torch."), "device": param.device.type,
             "batch_size": self.batch_size, "block_type": self.block_type, "score": self.score,
+            "calibration_used": {"sequences": len(calib), "seqlen": int(calib.input_ids.shape[1])},
             "search": self.search, "unit": self.unit, "candidates": [_name(c) for c in self._candidates(adapter.num_layers())],
         }
         if not self.cache:
@@ -576,7 +615,7 @@ class BlockPruner:
         whole = sorted(attn & mlp)  # both blocks gone: the layer is deleted whole (the same function)
         k = len(order)
         ppls = state["step_ppl"][:k]
-        totals = ("evaluations", "completed", "aborted", "plain_evaluations", "layer_passes",
+        totals = ("evaluations", "completed", "aborted", "bound_stops", "plain_evaluations", "layer_passes",
                   "plain_layer_passes", "cache_layer_passes", "seconds")
         info = {
             "removal_order": [list(b) for b in order],
@@ -601,6 +640,7 @@ class BlockPruner:
                       "order_length": len(state["order"])},
             "options": {"block_type": self.block_type, "score": self.score, "search": self.search,
                         "unit": self.unit, "batch_size": self.batch_size},
+            "search_calibration": state["key"]["calibration_used"],
         }
         return PrunePlan(
             method=self.name, ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=whole,

@@ -11,8 +11,8 @@ Blocks are removed in ascending importance; ratio unit: layers, ⌈ratio·L⌉ r
 paper applies afterwards, is out of scope here.
 
 NOTE(faithfulness): the paper calibrates on 10 random BookCorpus samples of 128 tokens; BookCorpus is not
-available offline, so the configured calibration set is used (run with calib.nsamples=10 calib.seqlen=128 for
-the paper's sizes). The official Taylor score sums |salience| over the input dimension per output row
+available offline, so the first ``max_sequences`` (10) windows of the configured calibration set, cut to their
+first ``max_seqlen`` (128) tokens, are used (the paper's sizes; null for the whole set). The official Taylor score sums |salience| over the input dimension per output row
 (``norm_power=1``) and then over rows and matrices; norms are included (vector salience). We follow that.
 """
 
@@ -42,22 +42,27 @@ class ShortenedLlama:
         keep_first: blocks protected at the bottom under the heuristic (official: 4).
         keep_last: blocks protected at the top under the heuristic (official: 2).
         batch_size: calibration sequences per forward pass.
+        max_sequences, max_seqlen: use the first sequences of the calibration set, cut to their first
+            tokens (paper: 10 x 128); ``None`` = all.
     """
 
     ratio_unit = "layers"
     needs_calibration = True
 
     def __init__(self, criterion: str = "ppl", plus_heuristic: bool | None = None, keep_first: int = 4,
-                 keep_last: int = 2, batch_size: int = 1) -> None:
+                 keep_last: int = 2, batch_size: int = 1, max_sequences: int | None = 10,
+                 max_seqlen: int | None = 128) -> None:
         if criterion not in ("ppl", "taylor"):
             raise PruneError(f"shortened_llama criterion '{criterion}' is unknown; use ppl or taylor")
         self.criterion = criterion
         self.plus_heuristic = criterion == "taylor" if plus_heuristic is None else plus_heuristic
         self.keep_first, self.keep_last, self.batch_size = keep_first, keep_last, batch_size
+        self.max_sequences, self.max_seqlen = max_sequences, max_seqlen
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         if calib is None:
             raise PruneError("shortened_llama needs calibration data; do not set calib=null")
+        calib = calib.limited(self.max_sequences, self.max_seqlen)
         n_layers = adapter.num_layers()
         candidates = list(range(n_layers))
         if self.plus_heuristic:
@@ -69,7 +74,8 @@ class ShortenedLlama:
             method="shortened_llama", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=sorted(order[:n]),
             scores={self.criterion: scores},
             info={"rounding": ROUNDING, "layers_removed": n, "criterion": self.criterion,
-                  "plus_heuristic": self.plus_heuristic, "candidates": candidates, "removal_order": order},
+                  "plus_heuristic": self.plus_heuristic, "candidates": candidates, "removal_order": order,
+                  "calibration_used": {"sequences": len(calib), "seqlen": int(calib.input_ids.shape[1])}},
         )
 
     @torch.inference_mode()

@@ -29,7 +29,8 @@ class Sleb(BlockPruner):
         early_barrier: the first layers that are never removed (official default 1).
         latter_barrier: the last layers that are never removed (official default 1).
         num_layers: remove exactly this many layers (overrides the ratio; the official ``num_remove_blocks``).
-        search_impl, batch_size, cache, cache_key, cache_device: as for `BlockPruner`.
+        search_impl, batch_size, cache, cache_key, cache_device, max_sequences, max_seqlen: as for
+            `BlockPruner`.
     """
 
     name = "sleb"
@@ -37,9 +38,11 @@ class Sleb(BlockPruner):
 
     def __init__(self, early_barrier: int = 1, latter_barrier: int = 1, num_layers: int | None = None,
                  search_impl: str = "fast", batch_size: int = 1, cache: bool = True,
-                 cache_key: str | None = None, cache_device: str | None = None) -> None:
+                 cache_key: str | None = None, cache_device: str | None = None, max_sequences: int | None = None,
+                 max_seqlen: int | None = None) -> None:
         super().__init__(unit="layer", num_blocks=num_layers, search_impl=search_impl, batch_size=batch_size,
-                         cache=cache, cache_key=cache_key, cache_device=cache_device)
+                         cache=cache, cache_key=cache_key, cache_device=cache_device,
+                         max_sequences=max_sequences, max_seqlen=max_seqlen)
         self.early_barrier, self.latter_barrier = early_barrier, latter_barrier
         self.fixed_count = num_layers
 
