@@ -28,12 +28,13 @@ _register_resolvers()
 
 
 def _load_blockpruned_checkpoints() -> None:
-    """Let ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained`` load exported BlockPruner models.
+    """Let ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained`` load exported BlockPruner / DISP models.
 
-    Their config has ``model_type="<family>_blockpruned"`` (`prune.models.blocks`). Registering those types
-    imports torch and six HF model classes, so it is deferred to the first ``AutoConfig.from_pretrained``
-    call (which ``AutoModelForCausalLM.from_pretrained`` makes): that method is wrapped as soon as
-    transformers' auto-config module is imported (now, if it already is).
+    Their config has ``model_type="<family>_blockpruned"`` (`prune.models.blocks`) or ``"<family>_disp"``
+    (`prune.models.width`). Registering those types imports torch and six HF model classes, so it is
+    deferred to the first ``AutoConfig.from_pretrained`` call (which ``AutoModelForCausalLM.from_pretrained``
+    makes): that method is wrapped as soon as transformers' auto-config module is imported (now, if it
+    already is).
     """
     import functools
     import importlib.abc
@@ -49,9 +50,10 @@ def _load_blockpruned_checkpoints() -> None:
 
         @functools.wraps(original)
         def from_pretrained(cls: type, *args: object, **kwargs: object) -> object:
-            from prune.models.blocks import register
+            from prune.models import blocks, width
 
-            register()
+            blocks.register()
+            width.register()
             return original(cls, *args, **kwargs)
 
         auto.from_pretrained = classmethod(from_pretrained)

@@ -18,6 +18,8 @@ class PrunePlan:
         drop_layers: decoder-layer indices (of the dense model) removed whole.
         drop_attn: layers whose attention sub-block is removed (residual passes through).
         drop_mlp: layers whose MLP sub-block is removed.
+        keep_dims: width pruning (DISP-LLM): ``{layer: {site: kept indices}}`` of the dense model, sites in
+            `prune.models.width.SITES`; absent layers and sites keep every index.
         scores: per-layer (or per-block) importance scores the decision was based on, for logging.
         info: anything else worth recording (rounding rule, removal order, search statistics).
     """
@@ -28,6 +30,7 @@ class PrunePlan:
     drop_layers: list[int] = field(default_factory=list)
     drop_attn: list[int] = field(default_factory=list)
     drop_mlp: list[int] = field(default_factory=list)
+    keep_dims: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     scores: dict[str, list[float]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -39,4 +42,4 @@ class PrunePlan:
         return cls(**json.loads(text))
 
     def is_empty(self) -> bool:
-        return not (self.drop_layers or self.drop_attn or self.drop_mlp)
+        return not (self.drop_layers or self.drop_attn or self.drop_mlp or self.keep_dims)

@@ -23,7 +23,7 @@ so adapters and transformers treat the model as the architecture it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -76,15 +76,16 @@ def base_model_type(model_type: str) -> str:
 
 
 class _ModelType:
-    """``model_type`` of a ``*BlockPrunedConfig``: ``<family>_blockpruned`` on the class (what config.json
-    records and the Auto classes key on), the family's own on instances, so code keyed on an instance's
-    ``config.model_type`` (adapters, transformers internals) treats the model as the architecture it is."""
+    """``model_type`` of a derived config (``*BlockPrunedConfig``, ``*DispConfig``): ``<family><suffix>`` on
+    the class (what config.json records and the Auto classes key on), the family's own on instances, so code
+    keyed on an instance's ``config.model_type`` (adapters, transformers internals) treats the model as the
+    architecture it is."""
 
-    def __init__(self, family: str) -> None:
-        self.family = family
+    def __init__(self, family: str, suffix: str = SUFFIX) -> None:
+        self.family, self.suffix = family, suffix
 
     def __get__(self, obj: Any, owner: type | None = None) -> str:
-        return self.family if obj is not None else self.family + SUFFIX
+        return self.family if obj is not None else self.family + self.suffix
 
     def __set__(self, obj: Any, value: str) -> None:
         """Loading passes config.json's ``model_type`` back as a keyword: the type is fixed, keep it."""
@@ -224,52 +225,77 @@ def remove_sub_blocks(
 # Registered config / model types
 # ----------------------------------------------------------------------------------------------------------
 
-_CLASSES: dict[str, tuple[type, type]] = {}
+_CLASSES: dict[tuple[str, str], tuple[type, type]] = {}
 
 
-def blockpruned_classes(family: str) -> tuple[type, type]:
-    """(config class, causal-LM class) of ``<family>_blockpruned``, built once from the stock classes."""
-    if family in _CLASSES:
-        return _CLASSES[family]
+def derived_classes(family: str, suffix: str, tag: str, fields: dict[str, str],
+                    rebuild: Callable[[nn.Module, Any], None], refresh: Callable[[nn.Module], None],
+                    module: str = __name__) -> tuple[type, type]:
+    """(config class, causal-LM class) of ``<family><suffix>``, built once from the stock classes.
+
+    The config class adds `fields` (name -> annotation, default ``None``); the model class builds the stock
+    model and then calls ``rebuild(model, config)`` to redo the structural edit the fields describe, and calls
+    ``refresh(model)`` before ``save_pretrained`` to re-read the fields from the modules. Both classes are
+    published in `module` under ``<Stock><tag>Config`` / ``<Stock><tag>ForCausalLM`` (pickle finds them).
+    """
+    if (family, suffix) in _CLASSES:
+        return _CLASSES[family, suffix]
+    import sys
+
     import transformers
 
     config_name, model_name = FAMILY_CLASSES[family]
     base_config, base_model = getattr(transformers, config_name), getattr(transformers, model_name)
-    layout = LAYOUTS[family]
     config_cls = type(
-        config_name.removesuffix("Config") + "BlockPrunedConfig",
+        config_name.removesuffix("Config") + tag + "Config",
         (base_config,),
-        {
-            "__module__": __name__,
-            "__doc__": f"{config_name} plus the layers whose attention / MLP block BlockPruner removed.",
-            "model_type": _ModelType(family),
-            "__annotations__": {"pruned_attn_layers": "list[int] | None",
-                                "pruned_mlp_layers": "list[int] | None"},
-            "pruned_attn_layers": None,
-            "pruned_mlp_layers": None,
-        },
+        {"__module__": module, "__doc__": f"{config_name} plus {', '.join(fields)}.",
+         "model_type": _ModelType(family, suffix), "__annotations__": dict(fields)} | dict.fromkeys(fields),
     )
 
     def __init__(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
         base_model.__init__(self, config, *args, **kwargs)
-        _strip(self, layout, config.pruned_attn_layers or [], config.pruned_mlp_layers or [])
+        rebuild(self, config)
 
     def save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
-        # The modules are the truth: re-read them so later layer deletions cannot leave stale indices.
-        self.config.pruned_attn_layers, self.config.pruned_mlp_layers = scan(self, layout)
+        refresh(self)  # the modules are the truth: later edits cannot leave stale fields
         return base_model.save_pretrained(self, *args, **kwargs)
 
     model_cls = type(
-        model_name.removesuffix("ForCausalLM") + "BlockPrunedForCausalLM",
+        model_name.removesuffix("ForCausalLM") + tag + "ForCausalLM",
         (base_model,),
-        {"__module__": __name__, "config_class": config_cls, "__init__": __init__,
+        {"__module__": module, "config_class": config_cls, "__init__": __init__,
          "save_pretrained": save_pretrained,
-         "__doc__": f"{model_name} whose listed attention / MLP blocks are removed (built, then stripped)."},
+         "__doc__": f"{model_name} rebuilt with the structural edit its config records ({tag})."},
     )
-    globals()[config_cls.__name__] = config_cls  # importable by qualified name (pickle)
-    globals()[model_cls.__name__] = model_cls
-    _CLASSES[family] = (config_cls, model_cls)
+    for cls in (config_cls, model_cls):
+        setattr(sys.modules[module], cls.__name__, cls)
+    _CLASSES[family, suffix] = (config_cls, model_cls)
     return config_cls, model_cls
+
+
+def register_derived(classes: Callable[[str], tuple[type, type]]) -> None:
+    """Add ``classes(family)`` of every family to ``AutoConfig`` / ``AutoModelForCausalLM``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for family in FAMILY_CLASSES:
+        config_cls, model_cls = classes(family)
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+def blockpruned_classes(family: str) -> tuple[type, type]:
+    """(config class, causal-LM class) of ``<family>_blockpruned``."""
+    layout = LAYOUTS[family]
+
+    def rebuild(model: nn.Module, config: Any) -> None:
+        _strip(model, layout, config.pruned_attn_layers or [], config.pruned_mlp_layers or [])
+
+    def refresh(model: nn.Module) -> None:
+        model.config.pruned_attn_layers, model.config.pruned_mlp_layers = scan(model, layout)
+
+    fields = {"pruned_attn_layers": "list[int] | None", "pruned_mlp_layers": "list[int] | None"}
+    return derived_classes(family, SUFFIX, "BlockPruned", fields, rebuild, refresh)
 
 
 _REGISTERED = False
@@ -280,10 +306,5 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    for family in FAMILY_CLASSES:
-        config_cls, model_cls = blockpruned_classes(family)
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    register_derived(blockpruned_classes)
     _REGISTERED = True

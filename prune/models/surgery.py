@@ -49,6 +49,12 @@ def drop_layers(adapter: ModelAdapter, indices: Iterable[int]) -> None:
 
 def apply(adapter: ModelAdapter, plan: PrunePlan) -> None:
     """Carry out `plan` on the adapter's model, in place."""
+    if plan.keep_dims:  # first: keep_dims, like drop_layers, uses the dense model's layer indices
+        if plan.drop_attn or plan.drop_mlp:
+            raise PruneError("a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)")
+        from prune.models.width import prune_widths
+
+        prune_widths(adapter, plan.keep_dims)
     if plan.drop_attn or plan.drop_mlp:  # before drop_layers: both use the dense model's layer indices
         from prune.models.blocks import remove_sub_blocks
 

@@ -1,0 +1,442 @@
+"""DISP-LLM (Gao, Lin, Hua, Zheng, Shen, Jin, Hsu; NeurIPS 2024, arXiv 2410.11988): dimension-independent
+structural pruning. Ratio unit: params, the fraction of ALL parameters removed (``ratio_params=all``, as the
+paper reports it) or of the decoder's linear weights only (``ratio_params=linear``, the official script's
+count); the plan records both achieved figures.
+
+Every decoder layer gets five binary masks over the full widths (`prune.models.width`: S1 on q/k/v's
+normalised input, S2 on the o_proj output, S3 on the normalised MLP input, S4 on the intermediate, S5 on the
+down output). A hypernetwork generates them: a fixed z ~ N(0, 1) of size 32 per structure (ordered layer by
+layer, [S1..S5]) -> bidirectional GRU (32 -> 64 per direction) -> per structure LayerNorm(128) -> GELU ->
+bias-free Linear(128 -> width). Only the hypernetwork trains (the LLM is frozen, no gradients, no optimiser
+state), on
+
+    CE(X; W, s) + λ·|log(T(s) / (p·T_total))|        (paper Eq. 5; R(x, y) = log(max/min))
+
+with T(s) the parameter count the masks imply (`WidthCost`), p = 1 - ratio the kept fraction. AdamW, constant
+lr 1e-3, weight decay 0.05, 10,000 iterations, one 2048-token sequence per process and step. The final masks
+are deterministic (a threshold on the logits), the weights sliced by the kept index sets (`surgery.apply`).
+
+Official code read as a hint only: github.com/ZhengaoLi/DISP-LLM-Dimension-Independent-Structural-Pruning
+(``pruning/hypernetwork.py``, ``pruning/pruning_helper.py``, ``train_hypernetwork.py``, ``prune_model.py``).
+
+NOTE(faithfulness), paper vs code vs here:
+- Binarisation: paper ReinMax (Alg. 2; c = 3.0, τ = 1.0; the CE and the regulariser see one hard sample);
+  code Gumbel-sigmoid (T = 0.4, offset 3.0; *soft* gates in the LLM, an independent hard straight-through
+  sample in the regulariser). Default ``binarizer=reinmax``; ``gumbel`` is the code's. With ``gumbel`` the
+  intermediate gate is m² for gate/up MLPs, because the code gates act(gate(x)) and up(x) by m each.
+- λ: paper 6 (default), the scripts 16 (``lam=16``).
+- Ratio: the paper reports the fraction of all parameters; the code's T_total is the decoder linear weights
+  (hence its p = 0.48 for ~50% of LLaMA-2-7B). ``ratio_params=all`` (default) puts the embeddings, head, norms
+  and biases into both T(s) and T_total; ``linear`` is the code's count.
+- Final mask: the code samples Gumbel noise at export (unseeded, stochastic); the paper does not say. Here
+  the default (``budget``) keeps x + offset > τ with one τ for all structures, found by bisection so that
+  T(s) is closest to p·T_total: deterministic, the hypernetwork's ranking, and the requested ratio even when
+  the gates are not yet saturated (then sampled masks meet the ratio only in expectation and the plain
+  threshold τ = 0 keeps too much); τ is near 0 once they are. ``threshold`` is τ = 0 (σ(x + c) > 0.5);
+  ``sample`` draws a seeded sample of the chosen binariser. A structure always keeps its arg-max index.
+- Hypernetwork norm: the code shares one LayerNorm(128) over all structures; the paper (and the issue) give
+  each structure its own (default); ``shared_norm=true`` is the code's.
+- Data: the code streams WikiText-103 lines (BOS per line, 50-line groups, 2049-token blocks); here the run's
+  calibration set (``calib=wikitext2`` / ``calib=alpaca``), cut into ``seqlen`` pieces and cycled in seeded
+  order. The LLM runs in eval mode (no dropout) like the code; the hypernetwork runs in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from prune.data.calibration import CalibrationSet
+from prune.data.tokens import tensor_hash
+from prune.errors import PruneError
+from prune.methods.blockpruner import model_fingerprint
+from prune.methods.elder import _Dist, _nll_sum, _training_mode, _Windows
+from prune.models.adapter import ModelAdapter
+from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
+from prune.paths import cache_dir
+from prune.types import PrunePlan
+
+log = logging.getLogger(__name__)
+CHECKPOINT_VERSION = 1
+
+
+class HyperNetwork(nn.Module):
+    """Logits of every structure's mask from a fixed random input (paper App. A.3, Table 5).
+
+    Args:
+        widths: the width of every structure, in order (layer by layer, S1..S5).
+        z_dim: size of the fixed input per structure (32). hidden: GRU size per direction (64).
+        seed: seed of the fixed input z.
+        shared_norm: one LayerNorm for all structures (the code) instead of one each (the paper).
+    """
+
+    def __init__(self, widths: list[int], z_dim: int = 32, hidden: int = 64, seed: int = 0,
+                 shared_norm: bool = False) -> None:
+        super().__init__()
+        z = torch.randn(len(widths), 1, z_dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("z", z)  # [S, 1, z_dim]: a sequence of S steps, batch 1; never trained
+        self.gru = nn.GRU(z_dim, hidden, bidirectional=True)  # h0 = 0
+        n_norms = 1 if shared_norm else len(widths)
+        self.norms = nn.ModuleList([nn.LayerNorm(2 * hidden) for _ in range(n_norms)])
+        self.heads = nn.ModuleList([nn.Linear(2 * hidden, w, bias=False) for w in widths])
+
+    def forward(self) -> list[torch.Tensor]:
+        """One logit vector per structure, ``Tensor[width]``."""
+        h = self.gru(self.z)[0][:, 0]  # [S, 2*hidden]
+        norms = list(self.norms) if len(self.norms) > 1 else [self.norms[0]] * len(self.heads)
+        return [head(F.gelu(norm(h[k]))) for k, (norm, head) in enumerate(zip(norms, self.heads))]
+
+
+def reinmax(logits: torch.Tensor, offset: float, tau: float, gen: torch.Generator) -> torch.Tensor:
+    """Binary ReinMax (paper Alg. 2): forward value B ~ Bernoulli(σ(x + c)), second-order gradient."""
+    theta = logits + offset
+    pi0 = torch.sigmoid(theta)
+    b = torch.bernoulli(pi0.detach(), generator=gen)
+    pi1 = ((b + torch.sigmoid(theta / tau)) / 2).detach()
+    # σ(sg(logit(π1) − θ) + θ): the value π1 with dπ1/dθ = π1(1 − π1), written without logit(1) = inf.
+    pi1 = pi1 + pi1 * (1 - pi1) * (theta - theta.detach())
+    pi2 = 2 * pi1 - pi0 / 2
+    return pi2 - pi2.detach() + b
+
+
+def gumbel_sigmoid(logits: torch.Tensor, offset: float, temperature: float, gen: torch.Generator
+                   ) -> torch.Tensor:
+    """The code's relaxed sample σ((x + g + offset) / T), g ~ Gumbel(0, 1)."""
+    u = torch.rand(logits.shape, generator=gen, device=logits.device)
+    g = -torch.log(-torch.log(u + 1e-20) + 1e-20)
+    return torch.sigmoid((logits + g + offset) / temperature)
+
+
+def hard_st(y: torch.Tensor) -> torch.Tensor:
+    """round(y) forward, identity gradient (straight-through)."""
+    return (torch.round(y) - y).detach() + y
+
+
+def _threshold(logits: list[torch.Tensor], offset: float, tau: float) -> list[torch.Tensor]:
+    return [_at_least_one(x + offset > tau, x) for x in logits]
+
+
+def _at_least_one(hard: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    if not hard.any():
+        hard = hard.clone()
+        hard[score.argmax()] = True
+    return hard
+
+
+class Disp:
+    """DISP-LLM: hypernetwork-learned dimension-independent widths, physically pruned.
+
+    Args:
+        lam: λ of the regulariser (paper 6, scripts 16).
+        binarizer: ``reinmax`` (paper) | ``gumbel`` (code: soft gates, hard ST sample for the regulariser).
+        offset: c added to the logits (3.0: every gate starts open). tau: ReinMax τ. temperature: Gumbel T.
+        ratio_params: ``all`` (every parameter, the paper's unit) | ``linear`` (decoder linear weights only).
+        final_mask: ``budget`` (one threshold on x + offset, chosen so T(s) meets the ratio) | ``threshold``
+            (x + offset > 0, i.e. σ(x + c) > 0.5) | ``sample`` (seeded, code-like). The first two are
+            deterministic.
+        steps: hypernetwork iterations (paper 10,000). seqlen: tokens per sequence (2048).
+        nsamples: use at most this many sequences (``None``: every piece of the calibration set).
+        lr, weight_decay: AdamW (constant lr 1e-3, 0.05).
+        bf16: autocast the LLM to bfloat16 on CUDA; ignored on CPU.
+        z_dim, hidden, shared_norm: hypernetwork shape (32, 64, per-structure norms).
+        checkpoint: save the hypernetwork (and optimiser) every ``checkpoint_every`` steps and at the end, and
+            resume from it; kept in ``checkpoint_dir`` (``None``: the cache) under a key of the model, the
+            calibration tokens, the ratio and every option that changes training.
+        log_every: steps between curve points (plan info, W&B). seed: z, init, noise and data order.
+        progress: tqdm progress bar (main process only).
+    """
+
+    ratio_unit = "params"
+    needs_calibration = True
+
+    def __init__(
+        self, lam: float = 6.0, binarizer: str = "reinmax", offset: float = 3.0, tau: float = 1.0,
+        temperature: float = 0.4, ratio_params: str = "all", final_mask: str = "budget", steps: int = 10000,
+        seqlen: int | None = 2048, nsamples: int | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
+        bf16: bool = True, z_dim: int = 32, hidden: int = 64, shared_norm: bool = False,
+        checkpoint: bool = True, checkpoint_every: int = 500, checkpoint_dir: str | None = None,
+        log_every: int = 10, seed: int = 0, progress: bool = True,
+    ) -> None:
+        for name, value, allowed in [("binarizer", binarizer, ("reinmax", "gumbel")),
+                                     ("ratio_params", ratio_params, ("all", "linear")),
+                                     ("final_mask", final_mask, ("budget", "threshold", "sample"))]:
+            if value not in allowed:
+                raise PruneError(f"method.{name}={value} is not one of {', '.join(allowed)}")
+        if steps < 0 or log_every < 1 or checkpoint_every < 1:
+            raise PruneError("method.steps must be >= 0, method.log_every and method.checkpoint_every >= 1")
+        self.lam, self.binarizer, self.offset, self.tau = lam, binarizer, offset, tau
+        self.temperature = temperature
+        self.ratio_params, self.final_mask, self.steps, self.seqlen = ratio_params, final_mask, steps, seqlen
+        self.nsamples, self.lr, self.weight_decay, self.bf16 = nsamples, lr, weight_decay, bf16
+        self.z_dim, self.hidden, self.shared_norm = z_dim, hidden, shared_norm
+        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.checkpoint_dir = checkpoint_dir
+        self.log_every, self.seed, self.progress = log_every, seed, progress
+
+    # ---- the method ----------------------------------------------------------------------------------
+
+    def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
+        if calib is None:
+            raise PruneError("disp needs calibration data; do not set calib=null")
+        cost = WidthCost.of(adapter)
+        self._check_reachable(cost, ratio)
+        if ratio == 0:
+            return PrunePlan(method="disp", ratio=ratio, ratio_unit=self.ratio_unit, info={"achieved": {}})
+        dist = _Dist.create(adapter.model)
+        device = dist.device(adapter.model)
+        with torch.random.fork_rng(devices=[]):  # the same initial hypernetwork on every process
+            torch.manual_seed(self.seed)
+            hn = HyperNetwork([w for ws in cost.widths for w in ws], self.z_dim, self.hidden, self.seed,
+                              self.shared_norm).to(device)
+        ckpt = self._checkpoint(adapter, calib, ratio)
+        t0 = time.perf_counter()
+        with _training_mode(adapter.model, gradient_checkpointing=False):
+            adapter.model.eval()  # frozen LLM, no dropout (the code never calls model.train())
+            train = self._train(adapter, hn, self._windows(calib, dist.n), dist, cost, ratio, ckpt)
+        masks, tau = self.final_masks(hn, cost, ratio)
+        keep = keep_dims_from(masks, len(cost.widths))
+        sizes = _sizes(masks, len(cost.widths))
+        achieved = achieved_ratios(cost, sizes)
+        log.info("disp: removed %.4f of all parameters, %.4f of the decoder linear weights (target %.4f, %s)",
+                 achieved["all"], achieved["linear"], ratio, self.ratio_params)
+        info = train | {
+            "achieved": achieved, "achieved_ratio": achieved[self.ratio_params], "kept_widths": sizes,
+            "dense_widths": cost.widths, "T_total": {"all": cost.total, "linear": cost.linear_total},
+            "final_threshold": tau, "p_kept": 1 - ratio, "time_train_s": time.perf_counter() - t0,
+            "processes": dist.n, "options": self._options(), "checkpoint": str(ckpt[0]) if ckpt[0] else None,
+        }
+        kept = [cost.count([s], True) / cost.count([w], True) for s, w in zip(sizes, cost.widths)]
+        return PrunePlan(method="disp", ratio=ratio, ratio_unit=self.ratio_unit, keep_dims=keep,
+                         scores={"kept_linear_frac_per_layer": kept}, info=info)
+
+    def _check_reachable(self, cost: WidthCost, ratio: float) -> None:
+        if not 0 <= ratio < 1:
+            raise PruneError(f"ratio={ratio} must be in [0, 1)")
+        linear = self.ratio_params == "linear"
+        floor = cost.count([[1] * 5 for _ in cost.widths], linear) / cost.dense_total(linear)
+        if 1 - ratio < floor:
+            raise PruneError(
+                f"ratio={ratio} of {self.ratio_params} parameters is unreachable: one index per structure "
+                f"already keeps {floor:.4f} (embeddings, head and norms are never pruned); at most "
+                f"{1 - floor:.4f} can be removed (or use method.ratio_params=linear)")
+
+    def _options(self) -> dict[str, Any]:
+        keys = ("lam", "binarizer", "offset", "tau", "temperature", "ratio_params", "final_mask", "steps",
+                "seqlen", "nsamples", "lr", "weight_decay", "z_dim", "hidden", "shared_norm", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    # ---- training -------------------------------------------------------------------------------------
+
+    def _sample(self, logits: list[torch.Tensor], gen: torch.Generator
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(gates the LLM sees, gates the regulariser counts)."""
+        if self.binarizer == "reinmax":
+            gates = [reinmax(x, self.offset, self.tau, gen) for x in logits]
+            return gates, gates
+        soft = [gumbel_sigmoid(x, self.offset, self.temperature, gen) for x in logits]
+        hard = [hard_st(gumbel_sigmoid(x, self.offset, self.temperature, gen)) for x in logits]
+        return soft, hard
+
+    def _train(self, adapter: ModelAdapter, hn: HyperNetwork, data: _Windows, dist: _Dist, cost: WidthCost,
+               ratio: float, ckpt: tuple[Path | None, dict[str, Any]]) -> dict[str, Any]:
+        """AdamW on the hypernetwork; one sequence per process and step, gradients averaged over processes."""
+        device = dist.device(adapter.model)
+        linear = self.ratio_params == "linear"
+        target = (1 - ratio) * cost.dense_total(linear)
+        opt = torch.optim.AdamW(hn.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        gen = torch.Generator(device).manual_seed(self.seed * 1000 + dist.rank)
+        path, key = ckpt
+        start, curves = self._resume(ckpt, hn, opt, gen, dist)
+        stream = data.stream(self.seed)
+        for _ in range(start):  # the same data order as an uninterrupted run
+            next(stream)
+        masks: Masks = {i: {s: torch.ones(w, device=device) for s, w in zip(SITES, ws)}
+                        for i, ws in enumerate(cost.widths)}
+        live = _live_log() if dist.main else None
+        bar = tqdm(range(start, self.steps), desc="disp hypernetwork", leave=False,
+                   disable=not (self.progress and dist.main))
+        with gated(adapter, masks, square_mid=self.binarizer == "gumbel"):
+            for step in bar:
+                j = int(next(stream)[dist.rank])
+                ce, reg, kept = self._step(adapter.model, hn, masks, data.ids[j : j + 1].to(device),
+                                           data.mask[j : j + 1].to(device), gen, cost, target)
+                dist.sum_grads(list(hn.parameters()))
+                for p in hn.parameters():
+                    if p.grad is not None:
+                        p.grad /= dist.n
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                done = step + 1
+                if done % self.log_every == 0 or done == self.steps:
+                    point = self._point(hn, cost, done, dist.sum_value(ce) / dist.n, reg,
+                                        1 - kept / cost.dense_total(linear))
+                    for k, v in point.items():
+                        curves.setdefault(k, []).append(v)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in point.items() if k != "step"})
+                    if live:
+                        live({f"disp/{k}": v for k, v in point.items()})
+                if path and dist.main and (done % self.checkpoint_every == 0 or done == self.steps):
+                    _save(path, {"step": done, "hn": hn.state_dict(), "opt": opt.state_dict(),
+                                 "gen": gen.get_state(), "curves": curves, "key": key})
+        return {"curves": curves, "resumed_from_step": start, "train_pieces": list(data.ids.shape)}
+
+    def _step(self, model: nn.Module, hn: HyperNetwork, masks: Masks, ids: torch.Tensor, keep: torch.Tensor,
+              gen: torch.Generator, cost: WidthCost, target: float) -> tuple[torch.Tensor, float, float]:
+        """Sample the masks, backpropagate CE + λ·|log(T(s) / (p·T_total))| into the hypernetwork.
+
+        Returns:
+            (this process's CE as a detached float32 tensor, the regulariser, T(s) of the counted masks).
+        """
+        gates, counted = self._sample(hn(), gen)
+        masks.update(_by_layer(gates, len(cost.widths)))  # the hooks read these on the next forward pass
+        autocast = self.bf16 and ids.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
+            ce = _ce(model, ids, keep)
+        t = cost.count(_sizes(counted, len(cost.widths)), self.ratio_params == "linear")
+        reg = self.lam * torch.log(t / target).abs()
+        (ce.float() + reg).backward()
+        return ce.detach().float(), float(reg.detach()), float(t.detach())
+
+    @torch.no_grad()
+    def _point(self, hn: HyperNetwork, cost: WidthCost, step: int, ce: float, reg: float,
+               sampled: float) -> dict[str, float]:
+        """One curve point: CE, regulariser, removed fraction (ratio_params unit) of the regulariser's
+        masks and of the plain threshold x + offset > 0 (how saturated the gates are)."""
+        plain = achieved_ratios(cost, _sizes(_threshold(hn(), self.offset, 0.0), len(cost.widths)))
+        return {"step": step, "ce": ce, "reg": reg, "removed_frac_sampled": sampled,
+                "removed_frac_threshold": plain[self.ratio_params]}
+
+    @torch.no_grad()
+    def final_masks(self, hn: HyperNetwork, cost: WidthCost, ratio: float
+                    ) -> tuple[list[torch.Tensor], float | None]:
+        """(boolean keep-mask per structure, at least one index each; the threshold used, if any)."""
+        was = hn.training
+        hn.eval()
+        logits = hn()
+        hn.train(was)
+        if self.final_mask != "sample":  # NOTE(faithfulness): deterministic; the code samples
+            tau = 0.0 if self.final_mask == "threshold" else self._budget_threshold(logits, cost, ratio)
+            return _threshold(logits, self.offset, tau), tau
+        gen = torch.Generator(logits[0].device).manual_seed(self.seed)
+        if self.binarizer == "reinmax":
+            return [_at_least_one(torch.bernoulli(torch.sigmoid(x + self.offset), generator=gen).bool(), x)
+                    for x in logits], None
+        soft = [gumbel_sigmoid(x, self.offset, self.temperature, gen) for x in logits]
+        return [_at_least_one(y.round().bool(), y) for y in soft], None
+
+    def _budget_threshold(self, logits: list[torch.Tensor], cost: WidthCost, ratio: float) -> float:
+        """The one threshold τ on x + offset whose masks' T(s) is closest to p·T_total (bisection; T falls
+        as τ rises). With saturated gates it lies near 0, where the plain threshold meets the budget too."""
+        linear = self.ratio_params == "linear"
+        target = (1 - ratio) * cost.dense_total(linear)
+
+        def kept(tau: float) -> float:
+            return float(cost.count(_sizes(_threshold(logits, self.offset, tau), len(cost.widths)), linear))
+
+        lo = min(float(x.min()) for x in logits) + self.offset - 1.0  # keeps everything: T >= target
+        hi = max(float(x.max()) for x in logits) + self.offset + 1.0  # one index each: T <= target
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kept(mid) >= target else (lo, mid)
+        return lo if kept(lo) - target <= target - kept(hi) else hi
+
+    # ---- data and checkpoints ---------------------------------------------------------------------------
+
+    def _windows(self, calib: CalibrationSet, processes: int) -> _Windows:
+        ids, mask = calib.input_ids, calib.target_mask
+        if self.seqlen and ids.shape[1] > self.seqlen + 1:  # pieces (a seqlen+1 block gives seqlen targets)
+            ids = ids.unfold(1, self.seqlen, self.seqlen).reshape(-1, self.seqlen)
+            mask = mask.unfold(1, self.seqlen, self.seqlen).reshape(-1, self.seqlen).clone()
+            mask[:, 0] = False  # a piece's first token has no context inside the piece
+        if self.nsamples:
+            ids, mask = ids[: self.nsamples], mask[: self.nsamples]
+        return _Windows(ids, mask, global_batch=processes)  # one sequence per process and step
+
+    def _checkpoint(self, adapter: ModelAdapter, calib: CalibrationSet, ratio: float
+                    ) -> tuple[Path | None, dict[str, Any]]:
+        """(checkpoint file or None, the key a checkpoint must carry to be resumed)."""
+        # steps and final_mask are left out: a longer run resumes a shorter one, and masks come after training
+        options = {k: v for k, v in self._options().items() if k not in ("final_mask", "steps")}
+        key = {"version": CHECKPOINT_VERSION, "model": model_fingerprint(adapter.model), "ratio": ratio,
+               "calibration": tensor_hash(calib.input_ids), "target_mask": tensor_hash(calib.target_mask),
+               "options": options}
+        if not self.checkpoint:
+            return None, key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return Path(self.checkpoint_dir or cache_dir() / "disp") / f"hn-{digest}.pt", key
+
+    def _resume(self, ckpt: tuple[Path | None, dict[str, Any]], hn: HyperNetwork, opt: torch.optim.Optimizer,
+                gen: torch.Generator, dist: _Dist) -> tuple[int, dict[str, list]]:
+        """Load a matching checkpoint at or before ``steps``: (steps already done, curves so far)."""
+        path, key = ckpt
+        if path is None or not path.is_file():
+            return 0, {}
+        state = torch.load(path, map_location=dist.device(hn), weights_only=True)
+        if state.get("key") != key or state["step"] > self.steps:
+            return 0, {}
+        hn.load_state_dict(state["hn"])
+        opt.load_state_dict(state["opt"])
+        if dist.n == 1:  # other processes keep their own noise stream (seeded by rank)
+            gen.set_state(state["gen"].cpu())
+        log.info("disp: resuming the hypernetwork at step %d from %s", state["step"], path)
+        return int(state["step"]), state["curves"]
+
+
+def _ce(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over the target positions (the LM head only runs on those)."""
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    keep = mask[:, 1:]
+    targets = ids[:, 1:][keep]
+    return _nll_sum(model.get_output_embeddings(), hidden[keep], targets) / max(len(targets), 1)
+
+
+def _by_layer(gates: list[torch.Tensor], n_layers: int) -> Masks:
+    return {i: dict(zip(SITES, gates[5 * i : 5 * i + 5])) for i in range(n_layers)}
+
+
+def _sizes(gates: list[torch.Tensor], n_layers: int) -> list[list[Any]]:
+    """Kept widths per layer and site (differentiable sums for soft / straight-through gates)."""
+    return [[g.sum() if g.dtype != torch.bool else int(g.sum()) for g in gates[5 * i : 5 * i + 5]]
+            for i in range(n_layers)]
+
+
+def keep_dims_from(masks: list[torch.Tensor], n_layers: int) -> KeepDims:
+    """Boolean masks (layer by layer, S1..S5) -> the plan's index sets, fully kept sites left out."""
+    keep: KeepDims = {}
+    for i, sites in _by_layer(masks, n_layers).items():
+        for site, m in sites.items():
+            if not bool(m.all()):
+                keep.setdefault(str(i), {})[site] = m.nonzero().flatten().tolist()
+    return keep
+
+
+def achieved_ratios(cost: WidthCost, sizes: list[list[Any]]) -> dict[str, float]:
+    """Removed fraction of all parameters and of the decoder linear weights."""
+    return {"all": 1 - float(cost.count(sizes, False)) / cost.total,
+            "linear": 1 - float(cost.count(sizes, True)) / cost.linear_total}
+
+
+def _live_log() -> Callable[[dict[str, float]], None] | None:
+    """``wandb.run.log`` when the runner opened a W&B run (never imports wandb itself)."""
+    run = getattr(sys.modules.get("wandb"), "run", None)
+    return run.log if run is not None else None
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

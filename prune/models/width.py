@@ -1,0 +1,382 @@
+"""Dimension-independent width pruning (DISP-LLM): five index sets per decoder layer, as gates and for real.
+
+Every layer has five structures over the full widths (S1..S5 in the paper, site names here):
+
+- ``attn_in`` (S1, width d): which features of the *normalised* input feed q/k/v.
+- ``attn_out`` (S2, width d): which rows of the attention output projection reach the residual.
+- ``mlp_in`` (S3, width d): which features of the normalised MLP input feed the MLP input projections.
+- ``mlp_mid`` (S4, width d_ff): the intermediate, shared by gate and up (or fc1); the input of down (fc2).
+- ``mlp_out`` (S5, width d): which rows of the MLP output projection reach the residual.
+
+Heads, head_dim, q/k/v output and o_proj input widths, embeddings, norms and the LM head are untouched.
+
+Per family (`Layout`): LLaMA / Mistral / Qwen2 / Qwen3 and OPT (pre-LN) are sequential: S1 sits on the
+output of the attention norm (it only feeds q/k/v), S3 on the MLP norm's output. Phi-2 runs attention and MLP
+in parallel off one norm, so S1 sits on the *inputs* of q/k/v and S3 on the input of fc1 (two index sets read
+the same normalised tensor). S2 is on o_proj / out_proj / dense, S4 on the input of down_proj / fc2, S5 on
+the output of down_proj / fc2.
+
+`gated` applies masks with forward (pre-)hooks: training, and the reference for the physical model.
+`prune_widths` slices the weights and substitutes small modules so HF's own layer ``forward`` runs unchanged
+and computes exactly what the hard-masked model computes:
+
+- sequential S1 / S3: the norm becomes `SelectNorm` (norm at full width, then one ``index_select``) and
+  q/k/v (gate/up, fc1) keep only those input columns: one gather per block instead of one per projection.
+- Phi S1 / S3: q/k/v and fc1 become `IndexSelectLinear` (gather, then the column-sliced Linear).
+- S2 / S5: o_proj and down_proj become `IndexAddLinear` (row-sliced Linear whose output is written into a
+  full-width zero tensor at the kept rows); HF's ``residual + out`` then equals DISP's
+  ``residual.index_add(-1, idx, out)``. It costs one full-width write more than the official fused
+  ``index_add`` into the residual, which needs the residual and so a forked layer forward.
+- S4: plain width pruning (gate/up output rows, down input columns): no gather at all.
+- a structure that keeps every index is not wrapped, so it costs nothing.
+
+The model then becomes a registered ``<family>_disp`` type whose config records ``disp_keep_dims``
+(``{layer: {site: [kept indices]}}``, fully kept sites omitted); ``import prune`` lets
+``AutoModelForCausalLM.from_pretrained`` rebuild it (no ``trust_remote_code``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prune.errors import PruneError
+from prune.models.adapter import ModelAdapter, _get
+from prune.models.blocks import FAMILY_CLASSES, _swap, derived_classes, register_derived
+from prune.models.families import LAYOUTS, Layout
+
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out")  # S1..S5, the hypernetwork's order
+QKV = ("q_proj", "k_proj", "v_proj")  # the attention input projections (every supported family)
+SUFFIX = "_disp"
+# {layer index (str, JSON-safe): {site: sorted kept indices}}; absent layers / sites keep everything.
+KeepDims = dict[str, dict[str, list[int]]]
+Masks = dict[int, dict[str, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes and the parameter count T(s)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _qkv(layer: nn.Module, layout: Layout) -> list[nn.Linear]:
+    attn = _get(layer, layout.attn)
+    return [getattr(attn, name) for name in QKV]
+
+
+def _check_family(adapter: ModelAdapter) -> None:
+    if adapter.model.config.model_type not in FAMILY_CLASSES:
+        raise PruneError(f"width pruning does not support model_type '{adapter.model.config.model_type}'")
+    if getattr(adapter.model.config, "do_layer_norm_before", True) is False:
+        raise PruneError("width pruning needs pre-norm layers (this OPT config is post-LN, like opt-350m)")
+
+
+def _variable(sizes: Sequence[Sequence[Any]], coef: list[tuple[int, int, int]],
+              bias: list[tuple[int, int, int]] | None) -> Any:
+    """The width-dependent parameters: linear weights, plus the shrinking biases unless `bias` is None."""
+    total: Any = 0
+    for i, ((n1, n2, n3, n4, n5), (qkv, o_in, m)) in enumerate(zip(sizes, coef)):
+        total = total + n1 * qkv + n2 * o_in + m * n3 * n4 + n4 * n5
+        if bias is not None:
+            b2, b4, b5 = bias[i]
+            total = total + b2 * n2 + b4 * n4 + b5 * n5
+    return total
+
+
+@dataclass(frozen=True)
+class WidthCost:
+    """Parameter count as a function of the five kept widths of every layer (DISP's T(s)).
+
+    Per layer, the linear weights are n1·(q+k+v outputs) + n2·(o inputs) + m·n3·n4 + n4·n5 (m = 2 for
+    gate+up, 1 for fc1), as in the official code's count; biases that shrink with a width add n2, n4 (per
+    MLP input projection with bias) and n5. Everything no width touches (embeddings, LM head, norms, q/k/v
+    biases) is ``fixed``.
+
+    Attributes:
+        widths: per layer, the dense width of each site (SITES order).
+        coef: per layer (q+k+v outputs, o inputs, number of MLP input projections).
+        bias: per layer, how many bias entries one kept index of (S2, S4, S5) carries.
+        linear_total: T_total of the official script: all q/k/v/o/MLP weights of the dense model.
+        total: every parameter of the dense model.
+        fixed: the parameters no width changes.
+    """
+
+    widths: list[list[int]]
+    coef: list[tuple[int, int, int]]
+    bias: list[tuple[int, int, int]]
+    linear_total: int
+    total: int
+    fixed: int
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter) -> WidthCost:
+        """The cost model of the adapter's (dense) model."""
+        from prune.eval.params import count_params
+
+        _check_family(adapter)
+        widths, coef, bias = [], [], []
+        for i in range(adapter.num_layers()):
+            qkv, o, mlp_in = _qkv(adapter.layer(i), adapter.layout), adapter.attn_out(i), adapter.mlp_in(i)
+            down = adapter.mlp_out(i)
+            d = qkv[0].in_features
+            widths.append([d, o.out_features, d, down.in_features, down.out_features])
+            coef.append((sum(p.out_features for p in qkv), o.in_features, len(mlp_in)))
+            bias.append((int(o.bias is not None), sum(p.bias is not None for p in mlp_in),
+                         int(down.bias is not None)))
+        total = count_params(adapter)["params/total"]
+        return cls(widths, coef, bias, linear_total=_variable(widths, coef, None), total=total,
+                   fixed=total - _variable(widths, coef, bias))
+
+    def count(self, sizes: Sequence[Sequence[Any]], linear_only: bool) -> Any:
+        """T(s) for kept widths ``sizes[layer][site]`` (ints, or differentiable mask sums)."""
+        if linear_only:
+            return _variable(sizes, self.coef, None)
+        return self.fixed + _variable(sizes, self.coef, self.bias)
+
+    def dense_total(self, linear_only: bool) -> int:
+        return self.linear_total if linear_only else self.total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gates (training, and the reference the physical model must equal)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scale_output(get: Callable[[], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * get().to(out.dtype)
+
+    return hook
+
+
+def _scale_input(get: Callable[[], torch.Tensor]) -> Callable[..., tuple]:
+    def hook(_m: nn.Module, args: tuple) -> tuple:
+        return (args[0] * get().to(args[0].dtype), *args[1:])
+
+    return hook
+
+
+def _gate_sites(adapter: ModelAdapter, i: int) -> list[tuple[str, nn.Module, str]]:
+    """(site, module, "in" | "out"): where each gate multiplies, for layer `i`."""
+    layer, layout = adapter.layer(i), adapter.layout
+    if layout.parallel_blocks:  # one norm feeds both blocks: gate the readers, not the norm
+        readers = [("attn_in", m, "in") for m in _qkv(layer, layout)]
+        readers += [("mlp_in", m, "in") for m in adapter.mlp_in(i)]
+    else:
+        readers = [("attn_in", adapter.attn_norm(i), "out"), ("mlp_in", adapter.mlp_norm(i), "out")]
+    return readers + [("attn_out", adapter.attn_out(i), "out"), ("mlp_mid", adapter.mlp_out(i), "in"),
+                      ("mlp_out", adapter.mlp_out(i), "out")]
+
+
+@contextmanager
+def gated(adapter: ModelAdapter, masks: Masks, square_mid: bool = False) -> Iterator[None]:
+    """Multiply S1..S5 into the forward pass while the context is open.
+
+    Args:
+        adapter: the model's adapter.
+        masks: ``{layer: {site: Tensor[width]}}``; the sites present when the context opens are gated, and
+            their tensors are looked up on every call (the caller may swap them between steps).
+        square_mid: gate the intermediate with m² where the MLP is gated (gate and up): the official code
+            multiplies act(gate(x)) and up(x) by m each, which differs from m only for soft gates.
+    """
+    _check_family(adapter)
+    handles = []
+    for i in range(adapter.num_layers()):
+        gated_mlp = len(adapter.mlp_in(i)) > 1
+        for site, module, side in _gate_sites(adapter, i):
+            if site not in masks.get(i, {}):
+                continue
+
+            def get(i: int = i, site: str = site, sq: bool = square_mid and gated_mlp and site == "mlp_mid"
+                    ) -> torch.Tensor:
+                m = masks[i][site]
+                return m * m if sq else m
+
+            if side == "out":
+                handles.append(module.register_forward_hook(_scale_output(get)))
+            else:
+                handles.append(module.register_forward_pre_hook(_scale_input(get)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Physical pruning
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=like.requires_grad)
+
+
+class SelectNorm(nn.Module):
+    """The norm at full width, then the kept features: ``norm(x)[..., index]`` (sequential S1 / S3)."""
+
+    def __init__(self, norm: nn.Module, index: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("index", index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x).index_select(-1, self.index)
+
+
+class IndexSelectLinear(nn.Linear):
+    """``Linear(x[..., in_index])`` with the kept input columns only (Phi's S1 / S3)."""
+
+    def __init__(self, linear: nn.Linear, index: torch.Tensor) -> None:
+        nn.Module.__init__(self)  # no fresh initialisation: the weights come from `linear`
+        self.in_features, self.out_features = len(index), linear.out_features
+        self.full_in = linear.in_features
+        self.weight = _param(linear.weight.index_select(1, index), linear.weight)
+        self.bias = linear.bias
+        self.register_buffer("in_index", index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.in_index), self.weight, self.bias)
+
+
+class IndexAddLinear(nn.Linear):
+    """The kept output rows of a Linear, written into zeros of the full width at ``out_index`` (S2 / S5)."""
+
+    def __init__(self, linear: nn.Linear, index: torch.Tensor) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, len(index)
+        self.full_out = linear.out_features
+        self.weight = _param(linear.weight.index_select(0, index), linear.weight)
+        self.bias = None if linear.bias is None else _param(linear.bias.index_select(0, index), linear.bias)
+        self.register_buffer("out_index", index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        # index_copy into zeros == index_add into zeros (indices are unique); HF adds the residual after.
+        return y.new_zeros(*y.shape[:-1], self.full_out).index_copy_(-1, self.out_index, y)
+
+
+def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight = _param(linear.weight.index_select(0, index), linear.weight)
+    if linear.bias is not None:
+        linear.bias = _param(linear.bias.index_select(0, index), linear.bias)
+    linear.out_features = len(index)
+
+
+def _keep_cols(linear: nn.Linear, index: torch.Tensor) -> None:
+    linear.weight = _param(linear.weight.index_select(1, index), linear.weight)
+    linear.in_features = len(index)
+
+
+def _select_inputs(layer: nn.Module, layout: Layout, norm_path: str, readers: list[str],
+                   index: torch.Tensor) -> None:
+    """S1 / S3: the readers of one normalised tensor see only the kept features."""
+    if layout.parallel_blocks:
+        for path in readers:  # one buffer each: safetensors refuses shared tensors
+            _swap(layer, path, IndexSelectLinear(_get(layer, path), index.clone()))
+        return
+    for path in readers:
+        _keep_cols(_get(layer, path), index)
+    _swap(layer, norm_path, SelectNorm(_get(layer, norm_path), index))
+
+
+def _prune_layer(layer: nn.Module, layout: Layout, keep: dict[str, list[int]]) -> None:
+    device = _get(layer, layout.attn_out).weight.device
+    idx = {site: torch.tensor(v, dtype=torch.long, device=device) for site, v in keep.items()}
+    if "attn_in" in idx:
+        qkv = [f"{layout.attn}.{name}" for name in QKV]
+        _select_inputs(layer, layout, layout.attn_norm, qkv, idx["attn_in"])
+    if "attn_out" in idx:
+        _swap(layer, layout.attn_out, IndexAddLinear(_get(layer, layout.attn_out), idx["attn_out"]))
+    if "mlp_mid" in idx:  # before mlp_out: IndexAddLinear copies the column-sliced down projection
+        for path in layout.mlp_in:
+            _keep_rows(_get(layer, path), idx["mlp_mid"])
+        _keep_cols(_get(layer, layout.mlp_out), idx["mlp_mid"])
+    if "mlp_in" in idx:
+        _select_inputs(layer, layout, layout.mlp_norm or layout.attn_norm, list(layout.mlp_in), idx["mlp_in"])
+    if "mlp_out" in idx:
+        _swap(layer, layout.mlp_out, IndexAddLinear(_get(layer, layout.mlp_out), idx["mlp_out"]))
+    layer.disp_keep = {site: list(v) for site, v in keep.items()}  # travels with the layer (drop_layers)
+
+
+def normalise_keep(keep_dims: KeepDims, widths: list[list[int]]) -> KeepDims:
+    """Checked, sorted index sets with fully kept sites (and layers) left out."""
+    out: KeepDims = {}
+    for key, sites in keep_dims.items():
+        i = int(key)
+        if not 0 <= i < len(widths):
+            raise PruneError(f"keep_dims names layer {i}; the model has {len(widths)}")
+        for site, values in sites.items():
+            width = widths[i][SITES.index(site)] if site in SITES else None
+            kept = sorted({int(v) for v in values})
+            if width is None or not kept or kept[0] < 0 or kept[-1] >= width:
+                raise PruneError(f"keep_dims[{i}][{site}] must be a non-empty subset of range({width})")
+            if len(kept) < width:
+                out.setdefault(str(i), {})[site] = kept
+    return out
+
+
+def apply_widths(model: nn.Module, layout: Layout, keep_dims: KeepDims) -> None:
+    """Slice and wrap the modules of `model` for `keep_dims` (already normalised)."""
+    layers = _get(model, layout.layers)
+    for key, keep in keep_dims.items():
+        _prune_layer(layers[int(key)], layout, keep)
+
+
+def _recorded(model: nn.Module, layout: Layout) -> KeepDims:
+    layers = _get(model, layout.layers)
+    return {str(i): dict(layer.disp_keep) for i, layer in enumerate(layers)
+            if getattr(layer, "disp_keep", None)}
+
+
+def prune_widths(adapter: ModelAdapter, keep_dims: KeepDims) -> None:
+    """Remove the unkept dimensions for good and make the model a registered ``<family>_disp`` type."""
+    import transformers
+
+    _check_family(adapter)
+    model = adapter.model
+    family = model.config.model_type
+    if type(model.config) is not getattr(transformers, FAMILY_CLASSES[family][0]):
+        raise PruneError(f"width pruning needs a stock {family} model, not a {type(model.config).__name__}")
+    keep = normalise_keep(keep_dims, WidthCost.of(adapter).widths)
+    apply_widths(model, adapter.layout, keep)
+    config_cls, model_cls = disp_classes(family)
+    register()
+    model.config.__class__ = config_cls  # in place: every module holding this config sees the new type
+    model.config.disp_keep_dims = _recorded(model, adapter.layout)
+    model.__class__ = model_cls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registered config / model types
+# ----------------------------------------------------------------------------------------------------------
+
+
+def disp_classes(family: str) -> tuple[type, type]:
+    """(config class, causal-LM class) of ``<family>_disp``: rebuilt from ``config.disp_keep_dims``."""
+    layout = LAYOUTS[family]
+
+    def rebuild(model: nn.Module, config: Any) -> None:
+        apply_widths(model, layout, config.disp_keep_dims or {})
+
+    def refresh(model: nn.Module) -> None:
+        model.config.disp_keep_dims = _recorded(model, layout)  # renumbered if layers were dropped since
+
+    fields = {"disp_keep_dims": "dict[str, dict[str, list[int]]] | None"}
+    return derived_classes(family, SUFFIX, "Disp", fields, rebuild, refresh, module=__name__)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Add every ``*_disp`` type to ``AutoConfig`` / ``AutoModelForCausalLM`` (idempotent)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        register_derived(disp_classes)
+        _REGISTERED = True
