@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export WANDB_SILENT := true
 
-.PHONY: help install demo test test-slow test-all bench-ppl smoke clean-outputs
+.PHONY: help install demo test test-slow test-all bench-ppl smoke reproduce-table1 reproduce-table2 \
+        reproduce-blockpruner-table2 wandb-report clean-outputs
 
 help:  ## list targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-29s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,30 @@ bench-ppl: $(STAMP)  ## perplexity-evaluation tokens/s vs a bare forward pass (e
 
 smoke: $(STAMP)  ## a tiny sweep of every method
 	$(PY) run.py -m debug=tiny method=dense,shortgpt,relative_magnitude,last_layers,random_layers ratio=0.25
+
+# Paper tables (experiments/<table>/README.md): the sweep (resumable: finished cells are skipped), then the table,
+# which is built even when a cell failed (missing cells are listed) before make reports the failure.
+# SCALE=paper (GPU + Hub) | reference (embedded model, CPU, offline) | smoke (tiny random model, seconds);
+# ARGS=extra Hydra overrides for both steps, e.g. ARGS="hydra/launcher=slurm" or ARGS="paths.outputs_root=/data/o".
+SCALE ?= reference
+ARGS ?=
+TABLE ?= table2
+define reproduce
+	$(PY) run.py experiment=$(1) scale=$(SCALE) $(ARGS); status=$$?; \
+	$(PY) -m prune.tables $(1) scale=$(SCALE) $(ARGS) && exit $$status
+endef
+
+reproduce-table1: $(STAMP)  ## Table 1: every method at ~21% (PPL, 5 zero-shot tasks); SCALE=paper|reference|smoke
+	$(call reproduce,table1)
+
+reproduce-table2: $(STAMP)  ## Table 2: every method at 20/50% (PPL, zero-shot, speed, cost); SCALE=...
+	$(call reproduce,table2)
+
+reproduce-blockpruner-table2: $(STAMP)  ## BlockPruner's ablation (full, - search, - block); SCALE=...
+	$(call reproduce,blockpruner_table2)
+
+wandb-report: $(STAMP)  ## a W&B report of a sweep (online; TABLE=table2 SCALE=paper)
+	$(PY) -m prune.tables $(TABLE) scale=$(SCALE) $(ARGS) --report
 
 clean-outputs:  ## delete outputs/ (results of every run)
 	rm -rf outputs

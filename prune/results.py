@@ -20,7 +20,7 @@ RESULTS = "results.json"
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON via a temporary file and rename, so a crash never leaves a half-written result."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: parallel cells may share a file
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, path)
 

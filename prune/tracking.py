@@ -2,6 +2,10 @@
 
 ``results.json`` is the source of truth; a logger only mirrors it. W&B runs are finished with the run's
 exit code so a failed Hydra cell does not show as finished (wandb#4591).
+
+One sweep = one W&B group: the experiment name, plus the scale when one is selected (``table2-reference``).
+A paper table's aggregated result goes to one more run of that group (``log_summary``), and
+``build_report`` turns the group into a W&B report (online only).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import netrc
 import os
 from pathlib import Path
 from typing import Any, Protocol
+
+from prune.errors import PruneError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,21 @@ def wandb_credentials_configured() -> bool:
         return False
 
 
+def sweep_group(experiment_name: str, config: dict[str, Any]) -> str:
+    """The W&B group of a sweep: the experiment name, plus the scale when a scale config is selected."""
+    scale = (config.get("scale") or {}).get("name")
+    return f"{experiment_name}-{scale}" if scale else experiment_name
+
+
+def method_overrides() -> list[str]:
+    """The current Hydra job's ``method.<key>=<value>`` overrides as ``<key>=<value>`` (none outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o.removeprefix("method.") for o in HydraConfig.get().overrides.task if o.startswith("method.")]
+
+
 class WandbLogger:
     """One W&B run per sweep cell.
 
@@ -60,9 +81,9 @@ class WandbLogger:
         entity: W&B entity (team or user); ``None`` = the default of the credentials.
         mode: ``auto`` (online when credentials are configured, else offline), ``online``, ``offline``,
             ``disabled``. ``WANDB_MODE`` in the environment wins.
-        group: the experiment name (one group per sweep).
-        name: the run name, ``<model>-<method>-r<ratio>``.
-        tags: the config-group choices.
+        group: the experiment name; the scale is appended when ``config`` has one (``sweep_group``).
+        name: the run name, ``<model>-<method>-r<ratio>``; a cell's ``method.*`` overrides are appended.
+        tags: the config-group choices (plus those overrides).
         config: the resolved config.
         run_dir: where offline run files go (inside the cell's directory).
     """
@@ -71,6 +92,9 @@ class WandbLogger:
                  tags: list[str], config: dict[str, Any], run_dir: Path) -> None:
         import wandb
 
+        group = sweep_group(group, config)
+        variant = method_overrides()  # e.g. an ablation grid's method.search=false: part of the name and tags
+        name, tags = "-".join([name, *variant]), [*tags, *(f"method.{v}" for v in variant)]
         if os.environ.get("WANDB_MODE"):
             mode = os.environ["WANDB_MODE"]
         elif mode == "auto":
@@ -99,3 +123,77 @@ class WandbLogger:
 
     def finish(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def log_summary(logger_cfg: dict[str, Any], experiment: str, config: dict[str, Any], columns: list[str],
+                rows: list[list[Any]], files: list[Path], images: dict[str, Path], run_dir: Path) -> str | None:
+    """Log an aggregated paper table to one more run of the sweep's W&B group; returns its mode.
+
+    Args:
+        logger_cfg: the ``logger`` config (``kind: none`` logs nothing and returns ``None``).
+        experiment: the experiment name; with ``config["scale"]`` it gives the group (``sweep_group``).
+        config: logged as the run's config (experiment, scale, cells).
+        columns, rows: the table, logged as a W&B table under ``table``.
+        files: table files (Markdown, CSV, LaTeX), logged as one ``paper_table`` artifact.
+        images: plots, logged under ``plots/<key>``.
+        run_dir: where offline run files go.
+    """
+    if logger_cfg.get("kind") != "wandb":
+        return None
+    import wandb
+
+    scale = (config.get("scale") or {}).get("name")
+    name = f"{sweep_group(experiment, config)}-summary"
+    tags = ["summary", f"experiment:{experiment}"] + ([f"scale:{scale}"] if scale else [])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(project=logger_cfg["project"], entity=logger_cfg.get("entity"),
+                         mode=logger_cfg.get("mode", "auto"), group=experiment, name=name, tags=tags,
+                         config=config, run_dir=run_dir)
+    exit_code = 1
+    try:
+        logger.log_table("table", columns, rows)
+        artifact = wandb.Artifact(name=name, type="paper_table")
+        for path in files:
+            artifact.add_file(str(path))
+        logger.run.log_artifact(artifact)
+        logger.log_images({f"plots/{key}": path for key, path in images.items()})
+        exit_code = 0
+    finally:
+        logger.finish(exit_code)
+    return logger.mode
+
+
+def build_report(project: str, entity: str | None, group: str, title: str, markdown: str,
+                 bars: list[tuple[str, str]]) -> str:
+    """Create a W&B report of one sweep group (online): the table as Markdown and bar charts of its runs.
+
+    Args:
+        project, entity: where the sweep's runs are (``entity=None``: the credentials' default).
+        group: the sweep's W&B group (``sweep_group``).
+        title: the report title.
+        markdown: the aggregated table (``table.md``).
+        bars: ``(summary metric, chart title)`` pairs, one bar chart each.
+
+    Returns:
+        The report's URL.
+
+    Raises:
+        PruneError: the report API (``wandb-workspaces``) is not installed, or there are no W&B credentials.
+    """
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError as err:
+        raise PruneError("the W&B report API is not installed: pip install 'wandb[workspaces]'") from err
+    if not wandb_credentials_configured() or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        raise PruneError("a W&B report needs W&B online: `wandb login` (or WANDB_API_KEY), unset WANDB_MODE, "
+                         "and `wandb sync` the sweep's offline runs first (docs/cluster.md)")
+    runset = wr.Runset(project=project, entity=entity or "", name=group,
+                       filters=f"Metric('Group') == '{group}'")
+    panels = [wr.BarPlot(title=label, metrics=[key]) for key, label in bars]
+    panels.append(wr.ScatterPlot(title="WikiText-2 perplexity vs parameters removed", x="params/removed_frac",
+                                 y="ppl/wikitext2", log_y=True))
+    kwargs = {"entity": entity} if entity else {}
+    report = wr.Report(project=project, title=title, description=f"W&B group {group}", **kwargs,
+                       blocks=[wr.MarkdownBlock(text=markdown), wr.PanelGrid(runsets=[runset], panels=panels)])
+    report.save()
+    return str(report.url)
