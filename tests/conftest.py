@@ -50,3 +50,24 @@ def tiny(family: str) -> LoadedModel:
 
 def random_ids(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and oversubscribed threads on a shared CPU cost ~100x; modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_identity(model: torch.nn.Module, layer: int) -> None:
+    """Zero a layer's attention and MLP output projections: the layer then returns its input exactly."""
+    from prune.models.adapter import adapter_for
+
+    adapter = adapter_for(model)
+    for lin in (adapter.attn_out(layer), adapter.mlp_out(layer)):
+        torch.nn.init.zeros_(lin.weight)
+        if lin.bias is not None:
+            torch.nn.init.zeros_(lin.bias)

@@ -26,6 +26,8 @@ from prune.models.adapter import adapter_for
 from prune.types import PrunePlan
 from tests.conftest import REPO, compose_config, load_tiny, random_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @functools.lru_cache(maxsize=None)
 def _dense(family: str):
@@ -40,15 +42,6 @@ def tiny_model(family: str):
 @pytest.fixture
 def model(family: str):
     return tiny_model(family)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on shared cores: one thread avoids oversubscription stalls (restored afterwards).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _calib(n: int = 3, length: int = 12, seed: int = 1) -> CalibrationSet:

@@ -13,8 +13,7 @@ from prune.methods.laco import LaCo, rdsc_merge
 from prune.methods.shortened_llama import ShortenedLlama, _calibration_ppl
 from prune.models import surgery
 from prune.models.adapter import adapter_for
-from tests.conftest import random_ids
-from tests.test_methods import _make_identity
+from tests.conftest import make_identity, random_ids
 
 
 def _calib(tokenizer, n: int = 2):
@@ -45,7 +44,7 @@ def test_shortened_llama_matrix(tiny, criterion: str, tmp_path) -> None:
 
 def test_shortened_llama_ppl_picks_identity_layer(tiny) -> None:
     model = copy.deepcopy(tiny.model)
-    _make_identity(model, 1)
+    make_identity(model, 1)
     calib = _calib(tiny.tokenizer)
     plan = ShortenedLlama(criterion="ppl").prune(adapter_for(model), calib, 0.25)
     with torch.inference_mode():

@@ -28,8 +28,10 @@ from prune.models.adapter import adapter_for
 from prune.models.load import load_model_and_tokenizer
 from prune.types import PrunePlan
 from tests.conftest import REPO, compose_config, random_ids
-from tests.test_blockpruner import _dense, _one_thread  # noqa: F401  (one thread per test, cached models)
+from tests.test_blockpruner import _dense
 from tests.test_run_smoke import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = {"progress": False, "checkpoint": False, "seqlen": 32, "log_every": 10}
 

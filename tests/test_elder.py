@@ -28,26 +28,11 @@ from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.hooks import layer_io
 from prune.types import PrunePlan
-from tests.conftest import compose_config, random_ids
+from tests.conftest import compose_config, make_identity, random_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = {"progress": False, "batch_size": 2, "grad_accum": 1}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared CPU oversubscribed threads cost ~100x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _make_identity(model, layer: int) -> None:
-    adapter = adapter_for(model)
-    for lin in (adapter.attn_out(layer), adapter.mlp_out(layer)):
-        torch.nn.init.zeros_(lin.weight)
-        if lin.bias is not None:
-            torch.nn.init.zeros_(lin.bias)
 
 
 @torch.inference_mode()
@@ -65,7 +50,7 @@ def _greedy_calibration(model, n: int = 2, length: int = 64) -> CalibrationSet:
 
 def _sharp_model(tiny, identity: int):
     model = copy.deepcopy(tiny.model).eval()
-    _make_identity(model, identity)
+    make_identity(model, identity)
     norm = adapter_for(model).final_norm()
     with torch.no_grad():
         norm.weight.mul_(30.0)

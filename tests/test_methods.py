@@ -15,7 +15,7 @@ from prune.methods.layer_common import layers_to_remove
 from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.types import PrunePlan
-from tests.conftest import compose_config, random_ids
+from tests.conftest import compose_config, make_identity, random_ids
 
 LAYER_METHODS = ["shortgpt", "relative_magnitude", "last_layers", "random_layers"]
 
@@ -43,19 +43,10 @@ def test_method_matrix(tiny, method_name: str) -> None:
     assert torch.isfinite(logits).all()
 
 
-def _make_identity(model, layer: int) -> None:
-    """Zero a layer's attention and MLP output projections: the layer then returns its input exactly."""
-    adapter = adapter_for(model)
-    for lin in (adapter.attn_out(layer), adapter.mlp_out(layer)):
-        torch.nn.init.zeros_(lin.weight)
-        if lin.bias is not None:
-            torch.nn.init.zeros_(lin.bias)
-
-
 @pytest.mark.parametrize("method_name", ["shortgpt", "relative_magnitude"])
 def test_scores_pick_identity_layer(tiny, method_name: str) -> None:
     model = copy.deepcopy(tiny.model)
-    _make_identity(model, 2)
+    make_identity(model, 2)
     method = instantiate(compose_config(f"method={method_name}").method)
     plan = method.prune(adapter_for(model), _calib(tiny.tokenizer), 0.25)
     assert plan.drop_layers == [2]

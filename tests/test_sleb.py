@@ -13,17 +13,10 @@ from prune.methods.blockpruner import plain_evaluations
 from prune.methods.sleb import Sleb
 from prune.models import surgery
 from prune.models.adapter import adapter_for
-from tests.conftest import compose_config, random_ids
+from tests.conftest import compose_config, make_identity, random_ids
 from tests.test_blockpruner import _calib
-from tests.test_methods import _make_identity
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fast_search_equals_plain_search(tiny) -> None:
@@ -42,7 +35,7 @@ def test_fast_search_equals_plain_search(tiny) -> None:
 
 def test_barriers_ceil_rounding_and_identity_layer(tiny) -> None:
     model = copy.deepcopy(tiny.model)
-    _make_identity(model, 2)  # removing it leaves the calibration loss as it is
+    make_identity(model, 2)  # removing it leaves the calibration loss as it is
     calib = _calib(n=2, length=12)
     plan = Sleb(cache=False).prune(adapter_for(model), calib, 0.25)
     assert len(plan.drop_layers) == 1 and plan.drop_layers[0] in (1, 2)  # ceil(0.25 * 4); barriers 1 / 1

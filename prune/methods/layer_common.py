@@ -74,3 +74,24 @@ def one_shot_plan(method: str, adapter: ModelAdapter, calib: CalibrationSet | No
     scores = mean_layer_statistic(adapter, calib, statistic, batch_size)
     return PrunePlan(method=method, ratio=ratio, ratio_unit="layers", drop_layers=lowest(scores, n),
                      scores={score_name: scores}, info={"rounding": ROUNDING, "layers_removed": n})
+
+
+class OneShotLayerRanking:
+    """Score every layer once with a per-token statistic and remove the ⌈ratio·L⌉ lowest (ShortGPT's
+    procedure); subclasses set `name`, `score_name` and `statistic`.
+
+    Args:
+        batch_size: calibration sequences per forward pass.
+    """
+
+    name: str
+    score_name: str
+    statistic: staticmethod
+    ratio_unit = "layers"
+    needs_calibration = True
+
+    def __init__(self, batch_size: int = 1) -> None:
+        self.batch_size = batch_size
+
+    def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
+        return one_shot_plan(self.name, adapter, calib, ratio, self.statistic, self.score_name, self.batch_size)

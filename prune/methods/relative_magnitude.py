@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prune.data.calibration import CalibrationSet
-from prune.methods.layer_common import one_shot_plan
-from prune.models.adapter import ModelAdapter
-from prune.types import PrunePlan
+from prune.methods.layer_common import OneShotLayerRanking
 
 
 def relative_magnitude(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -20,18 +17,8 @@ def relative_magnitude(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     return (x_out - x_in).norm(dim=-1) / x_out.norm(dim=-1).clamp_min(1e-12)
 
 
-class RelativeMagnitude:
-    """Remove the layers whose residual update is smallest relative to their output.
+class RelativeMagnitude(OneShotLayerRanking):
+    """Remove the layers whose residual update is smallest relative to their output."""
 
-    Args:
-        batch_size: calibration sequences per forward pass.
-    """
-
-    ratio_unit = "layers"
-    needs_calibration = True
-
-    def __init__(self, batch_size: int = 1) -> None:
-        self.batch_size = batch_size
-
-    def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        return one_shot_plan("relative_magnitude", adapter, calib, ratio, relative_magnitude, "relative_magnitude", self.batch_size)
+    name, score_name = "relative_magnitude", "relative_magnitude"
+    statistic = staticmethod(relative_magnitude)

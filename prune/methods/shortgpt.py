@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prune.data.calibration import CalibrationSet
-from prune.methods.layer_common import one_shot_plan
-from prune.models.adapter import ModelAdapter
-from prune.types import PrunePlan
+from prune.methods.layer_common import OneShotLayerRanking
 
 
 def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -21,18 +18,8 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(x_in, x_out, dim=-1)
 
 
-class ShortGPT:
-    """Remove the layers with the lowest Block Influence.
+class ShortGPT(OneShotLayerRanking):
+    """Remove the layers with the lowest Block Influence."""
 
-    Args:
-        batch_size: calibration sequences per forward pass.
-    """
-
-    ratio_unit = "layers"
-    needs_calibration = True
-
-    def __init__(self, batch_size: int = 1) -> None:
-        self.batch_size = batch_size
-
-    def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        return one_shot_plan("shortgpt", adapter, calib, ratio, block_influence, "block_influence", self.batch_size)
+    name, score_name = "shortgpt", "block_influence"
+    statistic = staticmethod(block_influence)
