@@ -29,6 +29,9 @@ forward pass per candidate, selects; both compute every complete score with the 
 - The score is a sum of non-negative per-sequence terms, added in the same order as in the plain search: a
   candidate stops once its partial sum exceeds the best complete score of the step. Candidates are tried in
   the order of their previous-step scores (partial sums for stopped ones), so the best usually comes first.
+- Before a batch's full LM head, the head on a small vocabulary subset (the targets and the dense model's top-8
+  tokens at every position) bounds the batch's NLL from below (logsumexp over a subset <= over all); a
+  candidate whose partial sum plus that bound already loses skips the full head.
 
 One search serves every ratio: the order is cached in `prune.paths.cache_dir`/blockpruner under a key of the
 model (its config plus name, shape, dtype and 64 strided values of every weight tensor, which is cheap even
@@ -67,7 +70,7 @@ from torch import nn
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.eval.nll import hidden_nll, likely_tokens, nll_lower_bound, sequence_nll
+from prune.eval.nll import hidden_nll, likely_tokens, nll_lower_bound
 from prune.eval.params import count_params
 from prune.methods.relative_magnitude import relative_magnitude
 from prune.methods.shortgpt import block_influence
@@ -164,9 +167,7 @@ class _Search:
 
     def terms(self, b: int) -> list[float]:
         """Per-sequence mean NLL of batch b under the model as it stands (float64 values)."""
-        ids, mask = self.batches[b]
-        nll, count = sequence_nll(self.model, ids, mask)
-        return (nll / count.clamp_min(1)).tolist()
+        return self.terms_from(b, self.final_hidden(b))
 
     def final_hidden(self, b: int) -> torch.Tensor:
         """The decoder's normed output for batch b at positions 0..T-2 (what the LM head reads)."""
