@@ -194,6 +194,27 @@ def _note(group: Any) -> str:
     return "; ".join(n for n in dict.fromkeys(group["note"]) if n)
 
 
+def _dense_metrics(matched: list[tuple[dict[str, Any], dict | None]], grid: dict[str, list[Any]]
+                   ) -> dict[str, float] | None:
+    """The metrics of the sweep's dense row, if it has one (the first finished dense cell)."""
+    return next((record["metrics"] for cell, record in matched if record and row_label(cell, grid) == "dense"),
+                None)
+
+
+def _against(metrics: dict[str, Any], dense: dict[str, float] | None) -> dict[str, Any]:
+    """The cell's metrics with its speed-ups taken against the table's own dense row.
+
+    A cell's ``results.json`` holds speed-ups against the dense figures cached when it ran; recomputing them
+    from the dense row shown in the same table keeps every speed-up consistent with the times printed beside
+    it (and lets a re-measured dense row, after its cache entry is deleted, fix all of them at once).
+    """
+    from prune.eval.speed import speedups
+
+    if dense is None:
+        return metrics
+    return {**metrics, **speedups(dense, metrics)}
+
+
 def build_table(spec: TableSpec, grid: dict[str, list[Any]], matched: list[tuple[dict[str, Any], dict | None]],
                 expected: Any) -> Any:
     """The table as a DataFrame: ``ours`` rows in grid order, each followed by its ``paper`` and ``diff`` rows.
@@ -204,12 +225,13 @@ def build_table(spec: TableSpec, grid: dict[str, list[Any]], matched: list[tuple
     """
     import pandas as pd
 
+    dense = _dense_metrics(matched, grid)
     ours: list[dict[str, Any]] = []
     for cell, record in matched:
         label = row_label(cell, grid)
         if label == "dense" and any(r["method"] == "dense" for r in ours):
             continue  # the ratio does not apply to the dense model: one row
-        metrics = record["metrics"] if record else {}
+        metrics = _against(record["metrics"], dense) if record else {}
         values = {c.label: float(metrics[c.key]) * c.scale if isinstance(metrics.get(c.key), (int, float))
                   else math.nan for c in spec.columns}
         source = "ours" if record else "ours (missing)"
@@ -304,6 +326,9 @@ def _header(spec: TableSpec, table: str, scale: dict[str, Any], model: str, firs
         "Accuracies in %, `removed %` = parameters removed (embeddings included). "
         f"Paper numbers and their sources: `experiments/{table}/expected.csv`.",
     ]
+    if any(c.key.endswith("_speedup") for c in spec.columns):
+        lines.append("Speed-ups (`x` columns) are the dense row's time over the row's (throughput: the row's over "
+                     "the dense row's), so they agree with the times shown.")
     if scale.get("name") != "paper":
         lines.append("Ours is a different model from the papers' here: compare trends, not values.")
     if missing:

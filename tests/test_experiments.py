@@ -118,6 +118,21 @@ def test_table_places_paper_numbers_and_differences_beside_ours() -> None:
     assert tables.match_cells([{"method": "dense", "ratio": 0.5}], records) == [None]
 
 
+def test_speedups_are_taken_against_the_tables_dense_row() -> None:
+    import pandas as pd
+
+    grid = {"method": ["dense", "shortgpt"], "ratio": [0.5]}
+    cells = tables.grid_cells(grid)
+    dense, pruned = _record("dense", 0.5, 10.0, 0.6), _record("shortgpt", 0.5, 20.0, 0.5)
+    dense["metrics"] |= {"speed/prefill_ms": 100.0, "speed/throughput_tok_s": 50.0}
+    # measured against a stale dense cache entry (prefill 150 ms) when the cell ran
+    pruned["metrics"] |= {"speed/prefill_ms": 60.0, "speed/throughput_tok_s": 80.0, "speed/prefill_speedup": 2.5}
+    expected = pd.DataFrame([], columns=EXPECTED_COLUMNS)
+    df = tables.build_table(tables.TABLES["table2"], grid, list(zip(cells, [dense, pruned])), expected)
+    assert list(df["latency x"]) == pytest.approx([1.0, 100 / 60])
+    assert list(df["throughput x"]) == pytest.approx([1.0, 80 / 50])
+
+
 def _smoke_env(tmp: Path) -> dict:
     cache = os.environ.get("PRUNE_TEST_CACHE") or str(tmp.parent / "cache")
     return {**os.environ, "WANDB_MODE": "disabled", "PRUNE_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
