@@ -30,14 +30,23 @@ def _version(name: str) -> str | None:
         return None
 
 
-def manifest() -> dict[str, Any]:
-    """Git state, package versions and the machine, at the time of the call."""
+def _git_state() -> dict[str, Any]:
     status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD"),
+            "git_dirty": bool(status) if status is not None else None}
+
+
+# Taken when the package is imported, not when a result is written: a sweep that runs for hours imports its
+# code once, and commits made while it runs must not be credited with its results.
+_GIT_AT_IMPORT = _git_state()
+
+
+def manifest() -> dict[str, Any]:
+    """Git state of the code this process imported; package versions and the machine at the time of the call."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        **_GIT_AT_IMPORT,
         "packages": {name: _version(name) for name in PACKAGES},
         "python": platform.python_version(),
         "device": device,

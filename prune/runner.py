@@ -30,6 +30,11 @@ from prune.models.load import LoadedModel, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 
+# Where a cell's dense speed figures come from: measured once per model and eval config and cached
+# (cheap, but on a shared machine the baseline drifts between cells hours apart), or measured again in the
+# cell itself, right before pruning, on the same machine state as the pruned model measured minutes later.
+DENSE_SPEED = ("cached", "per_cell")
+
 
 def run(cfg: DictConfig) -> float | None:
     """Prune and evaluate one cell; returns the headline metric (WikiText-2 PPL) for sweepers."""
@@ -39,6 +44,8 @@ def run(cfg: DictConfig) -> float | None:
     if done.exists() and not cfg.force and (not cfg.save or (run_dir / "model").is_dir()):
         print(f"skip: {done} exists (force=true to redo)")
         return json.loads(done.read_text())["metrics"].get("ppl/wikitext2")
+    if cfg.dense_speed not in DENSE_SPEED:
+        raise PruneError(f"dense_speed={cfg.dense_speed} is unknown; pass one of {', '.join(DENSE_SPEED)}")
     if not 0.0 <= cfg.ratio < 1.0:
         raise PruneError(f"ratio={cfg.ratio} is outside [0, 1); pass e.g. ratio=0.25")
     method = instantiate(cfg.method)
@@ -51,7 +58,7 @@ def run(cfg: DictConfig) -> float | None:
         loaded = load_model_and_tokenizer(cfg.model)
         adapter = adapter_for(loaded.model)
         evaluators = {k: instantiate(v) for k, v in cfg.eval.items() if k != "name" and v is not None}
-        dense_metrics = _dense_reference(loaded, evaluators, cfg)
+        dense_metrics = _dense_reference(loaded, evaluators, cfg) | _dense_speed_in_cell(loaded, evaluators, cfg)
         calib = build_calibration(loaded.tokenizer, **cfg.calib) if method.needs_calibration else None
         with results.PeakMemory() as peak:
             t0 = time.perf_counter()
@@ -73,7 +80,8 @@ def run(cfg: DictConfig) -> float | None:
         record = {
             "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
             "dense_metrics": dense_metrics, "plan": json.loads(plan.to_json()),
-            "metric_config": {k: e.describe() for k, e in evaluators.items()} | {"mem": peak.kind},
+            "metric_config": {k: e.describe() for k, e in evaluators.items()} | {"mem": peak.kind,
+                                                                                  "dense_speed": cfg.dense_speed},
             "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
             "provenance": provenance.manifest() | {"model": loaded.provenance,
                                                    "calibration": calib.info if calib else None},
@@ -120,6 +128,14 @@ def _dense_reference(loaded: LoadedModel, evaluators: dict[str, Any], cfg: DictC
         metrics |= evaluator(loaded.model, loaded.tokenizer)
     results.write_json_atomic(path, {"metrics": metrics, "model": loaded.provenance})
     return dense | metrics
+
+
+def _dense_speed_in_cell(loaded: LoadedModel, evaluators: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """With dense_speed=per_cell: the dense model's speed measured now, before surgery changes the model."""
+    if cfg.dense_speed != "per_cell" or "speed" not in evaluators:
+        return {}
+    log.info("measuring the dense model's speed in this cell (dense_speed=per_cell)")
+    return evaluators["speed"](loaded.model, loaded.tokenizer)
 
 
 def _save_model(loaded: LoadedModel, target: Path) -> None:

@@ -97,3 +97,24 @@ def test_wandb_offline_run_is_written(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     runs = list((tmp_path / "cell" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_provenance_records_the_commit_imported_not_the_one_checked_out_later(monkeypatch) -> None:
+    from prune import provenance
+
+    imported = provenance.manifest()["git_commit"]
+    monkeypatch.setattr(provenance, "_git", lambda *args: "f" * 40)  # as if HEAD moved during a sweep
+    assert provenance.manifest()["git_commit"] == imported
+
+
+def test_dense_speed_per_cell_measures_the_dense_model_in_the_cell(tmp_path: Path) -> None:
+    args = ("debug=tiny", "method=shortgpt", "ratio=0.25", "eval=fast", "~eval.zeroshot", "~eval.ppl")
+    out = run_cli(*args, "dense_speed=per_cell", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "measuring the dense model's speed in this cell" in out.stderr + out.stdout
+    (record,) = [json.loads(f.read_text()) for f in tmp_path.rglob("results.json")]
+    dense, pruned = record["dense_metrics"], record["metrics"]
+    assert record["metric_config"]["dense_speed"] == "per_cell"
+    assert pruned["speed/prefill_speedup"] == dense["speed/prefill_ms"] / pruned["speed/prefill_ms"]
+    bad = run_cli(*args, "dense_speed=sometimes", cwd=tmp_path)
+    assert bad.returncode == 2 and "dense_speed=sometimes" in bad.stderr and "per_cell" in bad.stderr
