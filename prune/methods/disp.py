@@ -70,6 +70,10 @@ from prune.paths import cache_dir
 from prune.types import PrunePlan
 
 log = logging.getLogger(__name__)
+
+# How close (in fraction of parameters) the sampled masks of the last TARGET_POINTS curve points must come, on
+# average, to the ratio for a run to count as having trained to its target (single samples are noisy).
+TARGET_TOLERANCE, TARGET_POINTS = 0.05, 5
 CHECKPOINT_VERSION = 1
 
 
@@ -206,6 +210,7 @@ class Disp:
         with _training_mode(adapter.model, gradient_checkpointing=False):
             adapter.model.eval()  # frozen LLM, no dropout (the code never calls model.train())
             train = self._train(adapter, hn, self._windows(calib, dist.n), dist, cost, ratio, ckpt)
+        train |= self._reached_target(train["curves"], ratio)
         masks, tau = self.final_masks(hn, cost, ratio)
         keep = keep_dims_from(masks, len(cost.widths))
         sizes = _sizes(masks, len(cost.widths))
@@ -221,6 +226,22 @@ class Disp:
         kept = [cost.count([s], True) / cost.count([w], True) for s, w in zip(sizes, cost.widths)]
         return PrunePlan(method="disp", ratio=ratio, ratio_unit=self.ratio_unit, keep_dims=keep,
                          scores={"kept_linear_frac_per_layer": kept}, info=info)
+
+    def _reached_target(self, curves: dict[str, list[float]], ratio: float) -> dict[str, Any]:
+        """Whether training itself reached the ratio: the removed fraction of the last sampled masks within
+        TARGET_TOLERANCE of it. If not, the budget threshold still meets the ratio exactly, but it ranks logits
+        that barely moved from their start (every gate open), so the widths say little about the method."""
+        if not curves.get("removed_frac_sampled"):
+            return {}
+        last = curves["removed_frac_sampled"][-TARGET_POINTS:]
+        trained = sum(last) / len(last)
+        reached = abs(trained - ratio) <= TARGET_TOLERANCE
+        if not reached:
+            log.warning("disp: after %d steps the hypernetwork's sampled masks remove %.3f of %s parameters, "
+                        "target %.3f: training has not reached the ratio and the final masks are mostly the "
+                        "threshold's doing; raise method.steps (paper 10,000)",
+                        curves["step"][-1], trained, self.ratio_params, ratio)
+        return {"trained_removed_frac": trained, "reached_target": reached}
 
     def _check_reachable(self, cost: WidthCost, ratio: float) -> None:
         if not 0 <= ratio < 1:
