@@ -153,7 +153,8 @@ def test_unreachable_ratio_and_bad_options_raise() -> None:
 
 @pytest.mark.parametrize("options", [
     {"search": False}, {"search": False, "search_impl": "plain"}, {"score": "block_influence"},
-    {"score": "relative_magnitude", "search": False}, {"unit": "layer"}, {"block_type": "mha"},
+    {"score": "relative_magnitude", "search": False}, {"score": "nll_per_param", "search": False},
+    {"unit": "layer"}, {"block_type": "mha"},
     {"block_type": "mlp", "search_impl": "plain"},
 ])
 def test_variants_produce_valid_plans(options: dict) -> None:
@@ -183,6 +184,39 @@ def test_one_shot_ranks_single_block_scores() -> None:
     first = _prune(BlockPruner(num_blocks=1, cache=False), model, calib)
     assert first.info["removal_order"][0] == one_shot.info["removal_order"][0]
     assert first.info["step_ppl"][0] == scores[0]
+
+
+def _calib_loss_sum(model, calib: CalibrationSet) -> float:
+    """Σ over sequences of the mean next-token NLL over target positions (an independent computation)."""
+    with torch.inference_mode():
+        logits = model(calib.input_ids, use_cache=False).logits[:, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), calib.input_ids[:, 1:], reduction="none")
+    mask = calib.target_mask[:, 1:]
+    return float(((nll * mask).sum(1) / mask.sum(1)).sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_nll_per_param_picks_least_loss_rise_per_parameter(family: str) -> None:
+    """The extension score: first removal = argmin (loss with c removed - dense loss) / parameters of c,
+    and the fast search selects exactly what the plain one does."""
+    model = tiny_model(family)
+    adapter, calib = adapter_for(model), _calib(n=3, length=12)
+    dense = _calib_loss_sum(model, calib)
+    values = {}
+    for c in candidate_blocks(adapter.num_layers(), "block", "mix"):
+        attn, mlp = ([c[1]], []) if c[0] == "mha" else ([], [c[1]])
+        size = blocks.removed_param_count(adapter, attn, mlp)
+        with blocks.masked(adapter, attn, mlp):
+            values[tuple(c)] = (_calib_loss_sum(model, calib) - dense) / size
+    plans = {impl: _prune(BlockPruner(score="nll_per_param", search_impl=impl, num_blocks=4, cache=False),
+                          model, calib) for impl in ("plain", "fast")}
+    assert plans["fast"].info["removal_order"] == plans["plain"].info["removal_order"]
+    assert plans["fast"].info["step_ppl"] == plans["plain"].info["step_ppl"]
+    assert tuple(plans["plain"].info["removal_order"][0]) == min(values, key=values.get)
+    assert plans["plain"].info["options"]["score"] == "nll_per_param"
+    attn_size = blocks.removed_param_count(adapter, [0], [])
+    mlp_size = blocks.removed_param_count(adapter, [], [0])
+    assert attn_size != mlp_size  # blocks differ in size: the two rules can disagree
 
 
 # --------------------------------------------------------------------------------------------- cache

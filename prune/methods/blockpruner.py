@@ -14,7 +14,8 @@ the first step whose removed parameters (over ALL parameters, embeddings include
 
 Options: ``block_type`` mix (paper) | mha | mlp; ``score`` ppl (paper) | block_influence |
 relative_magnitude (§5.3: the same iterative search with ShortGPT's BI or RM of each block, one forward pass
-per step); ``search=false`` the one-shot "- search" ablation (the K lowest single-block scores);
+per step) | nll_per_param (an extension, not in the paper: the block whose removal raises the calibration NLL
+least per parameter it removes, for models whose blocks differ in size, e.g. GQA attention); ``search=false`` the one-shot "- search" ablation (the K lowest single-block scores);
 ``unit=layer`` the "- block" ablation (whole layers are the candidates; Table 2).
 
 Speed-ups (exact: ``search_impl=fast`` selects what ``search_impl=plain``, the official loop with a full
@@ -83,6 +84,8 @@ log = logging.getLogger(__name__)
 
 Block = tuple[str, int]  # ("mha" | "mlp" | "layer", dense layer index)
 STATISTICS = {"block_influence": block_influence, "relative_magnitude": relative_magnitude}
+# Scores computed from the calibration loss of the model with the candidate removed (the search's forward passes).
+LOSS_SCORES = ("ppl", "nll_per_param")
 CACHE_VERSION = 1
 STEP_COUNTERS = ("evaluations", "completed", "aborted", "bound_stops", "layer_passes", "sequence_passes",
                  "cache_layer_passes")
@@ -368,7 +371,8 @@ class BlockPruner:
 
     Args:
         block_type: candidate blocks: ``mix`` (MHA and MLP; the paper), ``mha`` or ``mlp`` only.
-        score: ``ppl`` (the paper), ``block_influence`` or ``relative_magnitude`` (§5.3 alternatives).
+        score: ``ppl`` (the paper), ``block_influence`` or ``relative_magnitude`` (§5.3 alternatives), or
+            ``nll_per_param`` (extension: the rise of Σ mean NLL over the current model's, per removed parameter).
         search: iterative greedy search (the paper); ``False`` ranks blocks once ("- search" ablation).
         unit: ``block`` (the paper) or ``layer`` ("- block" ablation: whole layers are the candidates).
         num_blocks: remove exactly this many blocks (overrides the ratio).
@@ -391,7 +395,7 @@ class BlockPruner:
                  cache: bool = True, cache_key: str | None = None, cache_device: str | None = None,
                  max_sequences: int | None = None, max_seqlen: int | None = None) -> None:
         choices = {"block_type": (block_type, ("mix", "mha", "mlp")), "unit": (unit, ("block", "layer")),
-                   "score": (score, ("ppl", *STATISTICS)), "search_impl": (search_impl, ("fast", "plain"))}
+                   "score": (score, (*LOSS_SCORES, *STATISTICS)), "search_impl": (search_impl, ("fast", "plain"))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise PruneError(f"blockpruner: {name}={value} is not one of {', '.join(allowed)}")
@@ -458,7 +462,7 @@ class BlockPruner:
         if state["complete"] or reached([tuple(b) for b in state["order"]]):
             return done
         search = _Search(adapter, calib, self.batch_size, self.cache_device)
-        fast_ppl = self.score == "ppl" and self.search_impl == "fast"
+        fast_ppl = self.score in LOSS_SCORES and self.search_impl == "fast"
         if state["dense_ppl"] is None and not state["order"] and not fast_ppl:
             search.dense_total = search.full_score()  # the fast search gets it from its first cache pass
         while True:
@@ -468,22 +472,24 @@ class BlockPruner:
                 break
             t0 = time.perf_counter()
             stats: dict[str, Any] = dict.fromkeys(STEP_COUNTERS, 0)
+            sizes = self._sizes(adapter, order, remaining)  # counted on the unmasked model
             with search.removed(order):
                 if not self.search:  # one shot: the whole order from single-block scores of the dense model
-                    chosen, ppls = self._one_shot(search, remaining, index, stats)
-                elif self.score != "ppl":
-                    chosen, ppls = self._statistic_step(search, remaining, index, stats)
+                    chosen, ppls, totals = self._one_shot(search, remaining, index, state, stats, sizes)
+                elif self.score not in LOSS_SCORES:
+                    chosen, ppls, totals = self._statistic_step(search, remaining, index, stats)
                 elif self.search_impl == "plain":
-                    chosen, ppls = self._plain_step(search, remaining, state, stats)
+                    chosen, ppls, totals = self._plain_step(search, remaining, state, stats, sizes)
                 else:
-                    chosen, ppls = self._fast_step(search, remaining, index, state, stats)
-            plain = len(remaining) if self.score == "ppl" else 1  # the official loop scores every block
+                    chosen, ppls, totals = self._fast_step(search, remaining, index, state, stats, sizes)
+            plain = len(remaining) if self.score in LOSS_SCORES else 1  # the official loop scores every block
             n = search.num_seq
             stats |= {"plain_evaluations": plain, "plain_layer_passes": plain * search.num_layers * n,
                       "plain_sequence_passes": plain * n, "seconds": time.perf_counter() - t0,
-                      "impl": self.search_impl if self.score == "ppl" else self.score}
+                      "impl": self.search_impl if self.score in LOSS_SCORES else self.score}
             state["order"] += [list(c) for c in chosen]
             state["step_ppl"] += ppls
+            state.setdefault("step_total", []).extend(totals)  # exact sums: nll_per_param's baseline
             state["steps"].append(stats)
             state["complete"] = not self.search
             if state["dense_ppl"] is None and search.dense_total is not None:
@@ -501,38 +507,64 @@ class BlockPruner:
                 break
         return done
 
+    def _sizes(self, adapter: ModelAdapter, order: list[Block], remaining: list[Block]) -> dict[Block, int]:
+        """Parameters each remaining block would remove after `order` (nll_per_param only)."""
+        if self.score != "nll_per_param":
+            return {}
+        before = blocks.removed_param_count(adapter, *mask_sets(order))
+        return {c: blocks.removed_param_count(adapter, *mask_sets([*order, c])) - before for c in remaining}
+
+    def _objective(self, search: _Search, state: dict[str, Any],
+                   sizes: dict[Block, int]) -> Callable[[float, Block], float]:
+        """What a step minimises, from Σ mean NLL of the model with candidate c removed.
+
+        ``ppl``: the sum itself (PPL is monotone in it). ``nll_per_param``: the sum's rise over the current
+        model's, per parameter c removes. Both never decrease as the sum grows, so the value of a partial sum
+        bounds a candidate's value from below (the early stops stay exact).
+        """
+        if self.score == "ppl":
+            return lambda total, _c: total
+        current = state["step_total"][-1] if state["order"] else search.dense_total
+        assert current is not None, "nll_per_param needs the current model's calibration sum"
+        return lambda total, c: (total - current) / max(sizes[c], 1)
+
     def _plain_step(self, search: _Search, remaining: list[Block], state: dict[str, Any],
-                    stats: dict[str, Any]) -> tuple[list[Block], list[float]]:
+                    stats: dict[str, Any], sizes: dict[Block, int]) -> tuple[list[Block], list[float], list]:
         """The official loop: each remaining block, a full forward pass each; strict < keeps the first tie."""
-        best, best_score = remaining[0], math.inf
-        state["hints"] = {}  # the scores order a resumed fast search's candidates
+        objective = self._objective(search, state, sizes)
+        best, best_score, best_value = remaining[0], math.inf, math.inf
+        state["hints"] = {}  # the values order a resumed fast search's candidates
         for c in remaining:
             with search.removed([c]):
                 score = search.full_score()
-            state["hints"][_name(c)] = score
+            value = objective(score, c)
+            state["hints"][_name(c)] = value
             stats["evaluations"] += 1
             stats["completed"] += 1
             stats["layer_passes"] += search.num_layers * search.num_seq
             stats["sequence_passes"] += search.num_seq
-            if score < best_score:
-                best, best_score = c, score
-        return [best], [math.exp(best_score / search.num_seq)]
+            if value < best_value:
+                best, best_score, best_value = c, score, value
+        return [best], [math.exp(best_score / search.num_seq)], [best_score]
 
     def _fast_step(self, search: _Search, remaining: list[Block], index: dict[Block, int],
-                   state: dict[str, Any], stats: dict[str, Any]) -> tuple[list[Block], list[float]]:
-        """The choice of `_plain_step` from cached layer inputs, previous-score order and early stops."""
+                   state: dict[str, Any], stats: dict[str, Any],
+                   sizes: dict[Block, int]) -> tuple[list[Block], list[float], list]:
+        """The choice of `_plain_step` from cached layer inputs, previous-value order and early stops."""
         total = search.ensure_inputs(stats)
         if total is not None and not state["order"]:
             search.dense_total = total
+        objective = self._objective(search, state, sizes)
         hints: dict[str, float] = state["hints"]
         ranked = sorted(remaining, key=lambda c: (hints.get(_name(c), math.inf), index[c]))
-        best, best_score, best_index = remaining[0], math.inf, len(index)
+        best, best_score, best_value, best_index = remaining[0], math.inf, math.inf, len(index)
         new_hints: dict[str, float] = {}
         for c in ranked:
             i = index[c]
 
-            def beaten(partial: float, i: int = i) -> bool:  # the unseen terms are >= 0: it cannot win
-                return partial > best_score or (partial == best_score and i > best_index)
+            def beaten(partial: float, c: Block = c, i: int = i) -> bool:  # unseen terms are >= 0: it cannot win
+                value = objective(partial, c)
+                return value > best_value or (value == best_value and i > best_index)
 
             # Keep c's state at the incumbent's layer: if that block is removed, c restarts there next step.
             guess = best[1] if best_score < math.inf else ranked[0][1]
@@ -540,19 +572,21 @@ class BlockPruner:
                 score, complete = search.fast_score(c, beaten, stats, keep_at=guess)
             stats["evaluations"] += 1
             stats["completed" if complete else "aborted"] += 1
-            new_hints[_name(c)] = score
-            if complete and (score < best_score or (score == best_score and i < best_index)):
-                best, best_score, best_index = c, score, i
+            value = objective(score, c)
+            new_hints[_name(c)] = value
+            if complete and (value < best_value or (value == best_value and i < best_index)):
+                best, best_score, best_value, best_index = c, score, value, i
         state["hints"] = new_hints
         search.stale_from = best[1]  # the inputs of the layers after it change
         search.removed_at(best)
-        return [best], [math.exp(best_score / search.num_seq)]
+        return [best], [math.exp(best_score / search.num_seq)], [best_score]
 
-    def _one_shot(self, search: _Search, remaining: list[Block], index: dict[Block, int],
-                  stats: dict[str, Any]) -> tuple[list[Block], list[float]]:
+    def _one_shot(self, search: _Search, remaining: list[Block], index: dict[Block, int], state: dict[str, Any],
+                  stats: dict[str, Any], sizes: dict[Block, int]) -> tuple[list[Block], list[float], list]:
         """'- search': rank every block once on the dense model (ties: official order)."""
-        if self.score != "ppl":
+        if self.score not in LOSS_SCORES:
             scores = search.statistics(remaining, STATISTICS[self.score])
+            values = scores
             stats["evaluations"] += 1
         else:
             if self.search_impl == "fast":
@@ -564,21 +598,23 @@ class BlockPruner:
                     scores[c] = search.fast_score(c, None, stats)[0] if fast else search.full_score()
                 stats["evaluations"] += 1
                 stats["completed"] += 1
-        order = sorted(remaining, key=lambda c: (scores[c], index[c]))
+            objective = self._objective(search, state, sizes)
+            values = {c: objective(scores[c], c) for c in remaining}
+        order = sorted(remaining, key=lambda c: (values[c], index[c]))
         # The one-shot ranking never scores the cumulative removals: each entry is its single-block score.
-        as_ppl = self.score == "ppl"
+        as_ppl = self.score in LOSS_SCORES
         per_block = [math.exp(scores[c] / search.num_seq) if as_ppl else scores[c] for c in order]
-        return order, per_block
+        return order, per_block, [scores[c] if as_ppl else None for c in order]
 
     def _statistic_step(self, search: _Search, remaining: list[Block], index: dict[Block, int],
-                        stats: dict[str, Any]) -> tuple[list[Block], list[float]]:
+                        stats: dict[str, Any]) -> tuple[list[Block], list[float], list]:
         """§5.3: the iterative search with BI / RM of each block in the current model (one forward pass)."""
         scores = search.statistics(remaining, STATISTICS[self.score])
         best = min(remaining, key=lambda c: (scores[c], index[c]))
         with search.removed([best]):
-            ppl = math.exp(search.full_score() / search.num_seq)
+            total = search.full_score()
         stats["evaluations"] += 1
-        return [best], [ppl]
+        return [best], [math.exp(total / search.num_seq)], [total]
 
     # ----------------------------------------------------------------------------------------------- cache
     def _cache_path(self, adapter: ModelAdapter,
@@ -599,8 +635,8 @@ class BlockPruner:
 
     @staticmethod
     def _load(path: Path | None, key: dict[str, Any]) -> dict[str, Any]:
-        fresh = {"key": key, "order": [], "step_ppl": [], "steps": [], "hints": {}, "complete": False,
-                 "dense_ppl": None}
+        fresh = {"key": key, "order": [], "step_ppl": [], "step_total": [], "steps": [], "hints": {},
+                 "complete": False, "dense_ppl": None}
         if path is None or not path.is_file():
             return fresh
         try:
@@ -621,7 +657,7 @@ class BlockPruner:
         info = {
             "removal_order": [list(b) for b in order],
             "step_ppl": ppls if self.search else None,
-            "block_ppl": ppls if not self.search and self.score == "ppl" else None,
+            "block_ppl": ppls if not self.search and self.score in LOSS_SCORES else None,
             "step_removed_frac": fracs,
             "removal_table": {
                 "columns": ["step", "block", "layer", "calib_ppl", "removed_frac"],
