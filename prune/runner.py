@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> float | None:
         loaded = load_model_and_tokenizer(cfg.model)
         adapter = adapter_for(loaded.model)
         evaluators = {k: instantiate(v) for k, v in cfg.eval.items() if k != "name" and v is not None}
-        dense_metrics = _dense_reference(loaded, evaluators, cfg) | _dense_speed_in_cell(loaded, evaluators, cfg)
+        dense_metrics = _dense_metrics(loaded, evaluators, cfg)
         calib = build_calibration(loaded.tokenizer, **cfg.calib) if method.needs_calibration else None
         with results.PeakMemory() as peak:
             t0 = time.perf_counter()
@@ -114,28 +114,34 @@ def _make_logger(cfg: DictConfig, choices: dict[str, Any], run_dir: Path) -> tra
     )
 
 
-def _dense_reference(loaded: LoadedModel, evaluators: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
-    """The dense model's parameter counts and (cached per model and eval config) evaluation metrics."""
+def _dense_metrics(loaded: LoadedModel, evaluators: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """The dense reference; with dense_speed=per_cell its speed comes from this cell, before surgery."""
+    dense, evaluated_now = _dense_reference(loaded, evaluators, cfg)
+    if cfg.dense_speed != "per_cell" or "speed" not in evaluators:
+        return dense
+    if evaluated_now:  # the reference was just measured in this process: measuring again adds nothing
+        log.info("the dense model's speed in this cell: the dense evaluation just run (dense_speed=per_cell)")
+        return dense
+    log.info("measuring the dense model's speed in this cell (dense_speed=per_cell)")
+    return dense | evaluators["speed"](loaded.model, loaded.tokenizer)
+
+
+def _dense_reference(loaded: LoadedModel, evaluators: dict[str, Any],
+                     cfg: DictConfig) -> tuple[dict[str, Any], bool]:
+    """The dense model's parameter counts and (cached per model and eval config) evaluation metrics, and
+    whether they were evaluated now rather than read from the cache."""
     dense: dict[str, Any] = count_params(adapter_for(loaded.model))
     if not cfg.dense_reference or not evaluators:
-        return dense
+        return dense, False
     path = results.dense_cache_path(loaded.key, OmegaConf.to_container(cfg.eval, resolve=True))
     if path.is_file() and not cfg.force:
-        return dense | json.loads(path.read_text())["metrics"]
+        return dense | json.loads(path.read_text())["metrics"], False
     log.info("evaluating the dense model once (cached at %s)", path)
     metrics: dict[str, Any] = {}
     for evaluator in evaluators.values():
         metrics |= evaluator(loaded.model, loaded.tokenizer)
     results.write_json_atomic(path, {"metrics": metrics, "model": loaded.provenance})
-    return dense | metrics
-
-
-def _dense_speed_in_cell(loaded: LoadedModel, evaluators: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
-    """With dense_speed=per_cell: the dense model's speed measured now, before surgery changes the model."""
-    if cfg.dense_speed != "per_cell" or "speed" not in evaluators:
-        return {}
-    log.info("measuring the dense model's speed in this cell (dense_speed=per_cell)")
-    return evaluators["speed"](loaded.model, loaded.tokenizer)
+    return dense | metrics, True
 
 
 def _save_model(loaded: LoadedModel, target: Path) -> None:

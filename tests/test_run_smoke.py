@@ -109,7 +109,13 @@ def test_provenance_records_the_commit_imported_not_the_one_checked_out_later(mo
 
 def test_dense_speed_per_cell_measures_the_dense_model_in_the_cell(tmp_path: Path) -> None:
     args = ("debug=tiny", "method=shortgpt", "ratio=0.25", "eval=fast", "~eval.zeroshot", "~eval.ppl")
-    out = run_cli(*args, "dense_speed=per_cell", cwd=tmp_path)
+    env = {"PRUNE_CACHE_DIR": str(tmp_path / "cache")}
+    first = run_cli(*args, "dense_speed=per_cell", cwd=tmp_path, env=env)  # empty dense cache: one measurement
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "speed in this cell: the dense evaluation just run" in first.stderr + first.stdout
+    for f in tmp_path.rglob("results.json"):
+        f.unlink()
+    out = run_cli(*args, "dense_speed=per_cell", cwd=tmp_path, env=env)  # cached reference: measured again
     assert out.returncode == 0, out.stderr[-2000:]
     assert "measuring the dense model's speed in this cell" in out.stderr + out.stdout
     (record,) = [json.loads(f.read_text()) for f in tmp_path.rglob("results.json")]
