@@ -65,7 +65,7 @@ def test_nll_lower_bound_is_below_the_exact_nll_and_tight_on_the_full_vocabulary
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
         nll, count = hidden_nll(head, hidden, ids, mask)
         exact = nll / count
-        subset = likely_tokens(head, hidden, ids, top_k=4)
+        subset = likely_tokens(head, hidden, ids, size=4)
         assert set(ids[:, 1:].reshape(-1).tolist()) <= set(subset.tolist()) and len(subset) < head.weight.shape[0]
         bound = nll_lower_bound(head, hidden, ids, mask, subset)
         assert torch.all(bound <= exact + 1e-9) and torch.all(bound > 0)

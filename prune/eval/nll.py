@@ -50,13 +50,15 @@ def hidden_nll(
     return nll.cpu(), mask.sum(dim=1).cpu()
 
 
-def likely_tokens(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, top_k: int,
+def likely_tokens(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, size: int,
                   chunk: int = 256) -> torch.Tensor:
-    """Sorted ids of every target token and of the `top_k` highest logits at every position of `hidden`."""
-    found = [input_ids[:, 1:].reshape(-1)]
+    """Sorted ids of every target token and of the `size` tokens holding the most probability mass summed
+    over every position of `hidden` (the vocabulary a lower bound of the NLL should cover)."""
+    mass = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[1], chunk):
-        found.append(head(hidden[:, s : s + chunk]).topk(top_k, dim=-1).indices.reshape(-1))
-    return torch.unique(torch.cat(found))  # sorted
+        mass += torch.softmax(head(hidden[:, s : s + chunk]).float(), dim=-1).sum(dim=(0, 1))
+    top = mass.topk(min(size, mass.numel())).indices
+    return torch.unique(torch.cat([top, input_ids[:, 1:].reshape(-1)]))  # sorted
 
 
 def nll_lower_bound(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
