@@ -15,8 +15,9 @@ the first step whose removed parameters (over ALL parameters, embeddings include
 Options: ``block_type`` mix (paper) | mha | mlp; ``score`` ppl (paper) | block_influence |
 relative_magnitude (§5.3: the same iterative search with ShortGPT's BI or RM of each block, one forward pass
 per step) | nll_per_param (an extension, not in the paper: the block whose removal raises the calibration NLL
-least per parameter it removes, for models whose blocks differ in size, e.g. GQA attention); ``search=false`` the one-shot "- search" ablation (the K lowest single-block scores);
-``unit=layer`` the "- block" ablation (whole layers are the candidates; Table 2).
+least per parameter it removes, for models whose blocks differ in size, e.g. GQA attention); ``search=false``
+the one-shot "- search" ablation (the K lowest single-block scores); ``unit=layer`` the "- block" ablation
+(whole layers are the candidates; Table 2).
 
 Speed-ups (exact: ``search_impl=fast`` selects what ``search_impl=plain``, the official loop with a full
 forward pass per candidate, selects; both compute every complete score with the same arithmetic):
@@ -28,8 +29,9 @@ forward pass per candidate, selects; both compute every complete score with the 
   When the removed block sits at a layer >= that one, the layers in between are unchanged for the candidate,
   so next step it restarts there.
 - The score is a sum of non-negative per-sequence terms, added in the same order as in the plain search: a
-  candidate stops once a lower bound of its partial sum exceeds the best complete score of the step. Candidates are tried in
-  the order of their previous-step scores (partial sums for stopped ones), so the best usually comes first.
+  candidate stops once a lower bound of its partial sum exceeds the best complete score of the step.
+  Candidates are tried in the order of their previous-step scores (bounds for stopped ones), so the best
+  usually comes first.
 - The LM head on a vocabulary subset (the targets and the 4096 tokens of most probability mass under the current
   model) bounds each batch's NLL from below (logsumexp over a subset <= over all). A candidate runs its decoder
   layers batch by batch and stops once the sum of its bounds already loses; only candidates that survive every
