@@ -32,10 +32,11 @@ forward pass per candidate, selects; both compute every complete score with the 
   candidate stops once a lower bound of its partial sum exceeds the best complete score of the step.
   Candidates are tried in the order of their previous-step scores (bounds for stopped ones), so the best
   usually comes first.
-- The LM head on a vocabulary subset (the targets and the 4096 tokens of most probability mass under the current
-  model) bounds each batch's NLL from below (logsumexp over a subset <= over all). A candidate runs its decoder
-  layers batch by batch and stops once the sum of its bounds already loses; only candidates that survive every
-  bound run the full LM heads (on a 49k-token vocabulary the head costs ~8 of SmolLM2's 30 layers per token).
+- The LM head on a vocabulary subset (the targets and the 4096 tokens of most probability mass under the
+  current model) bounds each batch's NLL from below (logsumexp over a subset <= over all). A candidate runs
+  its decoder layers batch by batch and stops once the sum of its bounds already loses; only candidates that
+  survive every bound run the full LM heads (on a 49k-token vocabulary the head costs ~8 of SmolLM2's 30
+  layers per token).
 
 One search serves every ratio: the order is cached in `prune.paths.cache_dir`/blockpruner under a key of the
 model (its config plus name, shape, dtype and 64 strided values of every weight tensor, which is cheap even
@@ -87,14 +88,15 @@ log = logging.getLogger(__name__)
 
 Block = tuple[str, int]  # ("mha" | "mlp" | "layer", dense layer index)
 STATISTICS = {"block_influence": block_influence, "relative_magnitude": relative_magnitude}
-# Scores computed from the calibration loss of the model with the candidate removed (the search's forward passes).
+# Scores computed from the calibration loss of the model with the candidate removed (the search's passes).
 LOSS_SCORES = ("ppl", "nll_per_param")
 CACHE_VERSION = 1
 STEP_COUNTERS = ("evaluations", "completed", "aborted", "bound_stops", "layer_passes", "sequence_passes",
                  "cache_layer_passes")
-# Vocabulary subset of the loss lower bound: the targets and the tokens of most probability mass under the current
-# model (8% of SmolLM2's LM head, 12.5% of Llama-2's). Measured on the reference model (2 x 64 Alpaca tokens,
-# step 1): it leaves ~1% between bound and loss, so 57 of 60 candidates skip the full head (8 per position: 8 of 60).
+# Vocabulary subset of the loss lower bound: the targets and the tokens of most probability mass under the
+# current model (8% of SmolLM2's LM head, 12.5% of Llama-2's). Measured on the reference model (2 x 64 Alpaca
+# tokens, step 1): it leaves ~1% between bound and loss; the bound alone rules out 57 of the 60 candidates
+# (the top 8 tokens per position: 8 of 60).
 BOUND_VOCAB = 4096
 BOUND_MARGIN = 1e-3  # nats per sequence subtracted from the bound: ~1000x the float32 rounding of a mean NLL
 
@@ -382,7 +384,8 @@ class BlockPruner:
     Args:
         block_type: candidate blocks: ``mix`` (MHA and MLP; the paper), ``mha`` or ``mlp`` only.
         score: ``ppl`` (the paper), ``block_influence`` or ``relative_magnitude`` (§5.3 alternatives), or
-            ``nll_per_param`` (extension: the rise of Σ mean NLL over the current model's, per removed parameter).
+            ``nll_per_param`` (extension: the rise of Σ mean NLL over the current model's, per removed
+            parameter).
         search: iterative greedy search (the paper); ``False`` ranks blocks once ("- search" ablation).
         unit: ``block`` (the paper) or ``layer`` ("- block" ablation: whole layers are the candidates).
         num_blocks: remove exactly this many blocks (overrides the ratio).
@@ -405,7 +408,8 @@ class BlockPruner:
                  cache: bool = True, cache_key: str | None = None, cache_device: str | None = None,
                  max_sequences: int | None = None, max_seqlen: int | None = None) -> None:
         choices = {"block_type": (block_type, ("mix", "mha", "mlp")), "unit": (unit, ("block", "layer")),
-                   "score": (score, (*LOSS_SCORES, *STATISTICS)), "search_impl": (search_impl, ("fast", "plain"))}
+                   "score": (score, (*LOSS_SCORES, *STATISTICS)),
+                   "search_impl": (search_impl, ("fast", "plain"))}
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise PruneError(f"blockpruner: {name}={value} is not one of {', '.join(allowed)}")
@@ -572,7 +576,8 @@ class BlockPruner:
         for c in ranked:
             i = index[c]
 
-            def beaten(partial: float, c: Block = c, i: int = i) -> bool:  # unseen terms are >= 0: it cannot win
+            # The unseen terms are >= 0, so a partial sum's value bounds c's value from below.
+            def beaten(partial: float, c: Block = c, i: int = i) -> bool:
                 value = objective(partial, c)
                 return value > best_value or (value == best_value and i > best_index)
 
@@ -591,8 +596,9 @@ class BlockPruner:
         search.removed_at(best)
         return [best], [math.exp(best_score / search.num_seq)], [best_score]
 
-    def _one_shot(self, search: _Search, remaining: list[Block], index: dict[Block, int], state: dict[str, Any],
-                  stats: dict[str, Any], sizes: dict[Block, int]) -> tuple[list[Block], list[float], list]:
+    def _one_shot(self, search: _Search, remaining: list[Block], index: dict[Block, int],
+                  state: dict[str, Any], stats: dict[str, Any],
+                  sizes: dict[Block, int]) -> tuple[list[Block], list[float], list]:
         """'- search': rank every block once on the dense model (ties: official order)."""
         if self.score not in LOSS_SCORES:
             scores = search.statistics(remaining, STATISTICS[self.score])
