@@ -87,6 +87,20 @@ def test_fast_search_equals_plain_search(model) -> None:
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_fast_search_options_keep_the_selection() -> None:
+    """One candidate per layer call (stack_tokens=1) and no kept states (resume_gb=0) change the work done,
+    never the result; keeping states saves layer passes."""
+    model, calib = tiny_model("qwen2"), _calib(n=3, length=12, seed=1)
+    plans = {name: _prune(BlockPruner(num_blocks=6, cache=False, **options), model, calib)
+             for name, options in {"default": {}, "unstacked": {"stack_tokens": 1},
+                                   "no_resume": {"resume_gb": 0}, "plain": {"search_impl": "plain"}}.items()}
+    for name in ("default", "unstacked", "no_resume"):
+        assert plans[name].info["removal_order"] == plans["plain"].info["removal_order"]
+        assert plans[name].info["step_ppl"] == plans["plain"].info["step_ppl"]
+    passes = {name: plan.info["search_total"]["layer_passes"] for name, plan in plans.items()}
+    assert passes["default"] == passes["unstacked"] < passes["no_resume"] < passes["plain"]
+
+
 def test_ties_follow_the_official_order_in_both_searches() -> None:
     """Identity blocks tie exactly; both searches keep the first in the official order (MHA, then MLP)."""
     model = tiny_model("llama")

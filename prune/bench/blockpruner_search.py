@@ -70,6 +70,7 @@ def main(argv: list[str]) -> dict:
         "fast_evaluations": fs["evaluations"], "fast_evaluations_completed": fs["completed"],
         "fast_evaluations_stopped_early": fs["aborted"],
         "fast_evaluations_stopped_before_any_full_head": fs["bound_stops"],
+        "fast_evaluations_with_a_full_head": fs["full_heads"],
         "plain_layer_sequence_passes": ps["layer_passes"],
         "fast_layer_sequence_passes": fs["layer_passes"] + fs["cache_layer_passes"],
         "layer_pass_ratio": round(ps["layer_passes"] / (fs["layer_passes"] + fs["cache_layer_passes"]), 2),

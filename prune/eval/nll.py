@@ -54,22 +54,36 @@ def likely_tokens(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor
                   chunk: int = 256) -> torch.Tensor:
     """Sorted ids of every target token and of the `size` tokens holding the most probability mass summed
     over every position of `hidden` (the vocabulary a lower bound of the NLL should cover)."""
+    return likely_token_sets(head, hidden, input_ids, (size,), chunk)[0]
+
+
+def likely_token_sets(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, sizes: tuple[int, ...],
+                      chunk: int = 256) -> list[torch.Tensor]:
+    """`likely_tokens` for several sizes from one pass of the LM head (nested sets)."""
     mass = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[1], chunk):
         mass += torch.softmax(head(hidden[:, s : s + chunk]).float(), dim=-1).sum(dim=(0, 1))
-    top = mass.topk(min(size, mass.numel())).indices
-    return torch.unique(torch.cat([top, input_ids[:, 1:].reshape(-1)]))  # sorted
+    ranked = mass.argsort(descending=True)
+    targets = input_ids[:, 1:].reshape(-1)
+    return [torch.unique(torch.cat([ranked[:size], targets])) for size in sizes]  # sorted
+
+
+def subset_rows(head: nn.Module, subset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight (and bias) rows of a vocabulary subset, for `nll_lower_bound` to reuse."""
+    return head.weight[subset], None if head.bias is None else head.bias[subset]
 
 
 def nll_lower_bound(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
-                    subset: torch.Tensor) -> torch.Tensor:
+                    subset: torch.Tensor,
+                    rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """Per-sequence mean NLL lower bound from the logits of a vocabulary `subset` holding every target.
 
     -log p(y) = logsumexp(all logits) - z_y >= logsumexp(subset logits) - z_y, because the subset's
-    exponentials are a part of the full sum; it costs |subset| / vocab of the LM head. Returns float64[B].
+    exponentials are a part of the full sum; it costs |subset| / vocab of the LM head. `rows`: the subset's
+    head rows (`subset_rows`) when the caller reuses them. Returns float64[B].
     """
-    weight = head.weight[subset]
-    z = F.linear(hidden, weight, None if head.bias is None else head.bias[subset]).float()  # [B, T-1, |S|]
+    weight, bias = subset_rows(head, subset) if rows is None else rows
+    z = F.linear(hidden, weight, bias).float()  # [B, T-1, |S|]
     targets = input_ids[:, 1:]
     position = torch.searchsorted(subset, targets.contiguous())
     nll = torch.logsumexp(z, dim=-1) - z.gather(-1, position.unsqueeze(-1)).squeeze(-1)

@@ -20,23 +20,28 @@ the one-shot "- search" ablation (the K lowest single-block scores); ``unit=laye
 (whole layers are the candidates; Table 2).
 
 Speed-ups (exact: ``search_impl=fast`` selects what ``search_impl=plain``, the official loop with a full
-forward pass per candidate, selects; both compute every complete score with the same arithmetic):
+forward pass per candidate, selects; both compute every complete score with the same per-sequence arithmetic):
 - The hidden state entering every layer is cached once per step for every calibration batch (forward
   pre-hooks). A candidate at layer i runs the model's own forward with layers < i swapped for a stub that
   outputs the cached state, so masks and position embeddings come from HF and only layers i..L-1 and the
   head run. After a step only the states after the removed block's layer are refreshed.
-- Each candidate also keeps its own state entering the layer of the step's incumbent (the likely removal).
-  When the removed block sits at a layer >= that one, the layers in between are unchanged for the candidate,
-  so next step it restarts there.
+- Each candidate keeps its own state entering every layer above its own (or, past the ``resume_gb`` budget,
+  the layers of the likely removals). When the removed block sits at layer g, the layers below g are
+  unchanged for every candidate below it, so next step they restart at g.
+- Past its own layer a candidate runs the current model's layers, the same for all of them: the fast search
+  runs the decoder layer by layer with every candidate that reached the layer in one stack (``stack_tokens``
+  per call). Rows of a stack do not interact; on CPU the values are bitwise those of one candidate at a time
+  (the tests check it), larger matrix products are just faster (1.15x per token on one thread, 1.5x on two,
+  for SmolLM2 at 64 tokens; more on a GPU). On a GPU, kernels may round differently for another batch size.
 - The score is a sum of non-negative per-sequence terms, added in the same order as in the plain search: a
-  candidate stops once a lower bound of its partial sum exceeds the best complete score of the step.
-  Candidates are tried in the order of their previous-step scores (bounds for stopped ones), so the best
-  usually comes first.
+  candidate stops once a lower bound of its partial sum exceeds the best complete score of the step. The
+  candidate with the best previous-step score (bound for a stopped one) is scored first, alone, so the others
+  can stop.
 - The LM head on a vocabulary subset (the targets and the 4096 tokens of most probability mass under the
-  current model) bounds each batch's NLL from below (logsumexp over a subset <= over all). A candidate runs
-  its decoder layers batch by batch and stops once the sum of its bounds already loses; only candidates that
-  survive every bound run the full LM heads (on a 49k-token vocabulary the head costs ~8 of SmolLM2's 30
-  layers per token).
+  current model) bounds each batch's NLL from below (logsumexp over a subset <= over all). After each
+  calibration batch, candidates whose bounds already lose stop (their later batches are not run). The
+  survivors, mostly within ~1% of the best, get a tighter bound from 16384 tokens; only those it does not
+  stop run full LM heads (on a 49k-token vocabulary the head costs ~8 of SmolLM2's 30 layers per token).
 
 One search serves every ratio: the order is cached in `prune.paths.cache_dir`/blockpruner under a key of the
 model (its config plus name, shape, dtype and 64 strided values of every weight tensor, which is cheap even
@@ -66,6 +71,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +81,7 @@ from torch import nn
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.eval.nll import hidden_nll, likely_tokens, nll_lower_bound
+from prune.eval.nll import hidden_nll, likely_token_sets, nll_lower_bound, subset_rows
 from prune.eval.params import count_params
 from prune.methods.relative_magnitude import relative_magnitude
 from prune.methods.shortgpt import block_influence
@@ -91,13 +97,17 @@ STATISTICS = {"block_influence": block_influence, "relative_magnitude": relative
 # Scores computed from the calibration loss of the model with the candidate removed (the search's passes).
 LOSS_SCORES = ("ppl", "nll_per_param")
 CACHE_VERSION = 1
-STEP_COUNTERS = ("evaluations", "completed", "aborted", "bound_stops", "layer_passes", "sequence_passes",
-                 "cache_layer_passes")
+STEP_COUNTERS = ("evaluations", "completed", "aborted", "bound_stops", "full_heads", "layer_passes",
+                 "sequence_passes", "cache_layer_passes")
 # Vocabulary subset of the loss lower bound: the targets and the tokens of most probability mass under the
 # current model (8% of SmolLM2's LM head, 12.5% of Llama-2's). Measured on the reference model (2 x 64 Alpaca
 # tokens, step 1): it leaves ~1% between bound and loss; the bound alone rules out 57 of the 60 candidates
 # (the top 8 tokens per position: 8 of 60).
 BOUND_VOCAB = 4096
+# The second bound, for candidates the first leaves (those within ~1% of the best): a third of SmolLM2's head,
+# ~0.1% from the loss on the same data. Both subsets' head rows are kept per batch (gathering 16384 rows costs
+# as much as the bound itself; 38 MB a batch for SmolLM2, 134 MB for Llama-2-7B in bf16).
+FINE_BOUND_VOCAB = 16384
 BOUND_MARGIN = 1e-3  # nats per sequence subtracted from the bound: ~1000x the float32 rounding of a mean NLL
 
 
@@ -145,12 +155,21 @@ class _Replay(nn.Module):
         return self.hidden if self.template is None else ModelAdapter.with_hidden(self.template, self.hidden)
 
 
+class _LayerDone(Exception):
+    """Raised by a forward hook to end the model's forward pass after one layer (`_Search.layer_output`)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
 class _Search:
     """Scoring over one model and calibration set: full passes (plain) and cached-prefix passes (fast)."""
 
     def __init__(self, adapter: ModelAdapter, calib: CalibrationSet, batch_size: int,
-                 cache_device: str | None) -> None:
+                 cache_device: str | None, stack_tokens: int = 1) -> None:
         self.adapter, self.model = adapter, adapter.model
+        self.stack_tokens = stack_tokens  # tokens per stacked layer call of the fast search (`run_layer`)
         self.device = next(self.model.parameters()).device
         self.num_layers, self.num_seq = adapter.num_layers(), len(calib)
         self.batches = [
@@ -163,14 +182,16 @@ class _Search:
         self.stale_from: int | None = None  # layer whose block was removed since the inputs were cached
         self.template: Any = None  # a decoder layer's output, when it is a tuple (older transformers)
         self.dense_total: float | None = None  # Σ terms of the dense model (logged as its calibration PPL)
-        # Per candidate and batch: (g, the state entering layer g with that candidate removed), kept from its
+        # Per candidate and batch: {g: the state entering layer g with that candidate removed}, kept from its
         # last evaluation. Valid while every removal since then sits at a layer >= g.
-        self.resume: dict[Block, dict[int, tuple[int, torch.Tensor]]] = {}
+        self.resume: dict[Block, dict[int, dict[int, torch.Tensor]]] = {}
         self.head = self.model.get_output_embeddings()
         # Per batch: every target token and the BOUND_VOCAB tokens of most probability mass under the current
-        # model (refreshed with the cached inputs), sorted; the LM head on these rows alone bounds a
-        # candidate's loss from below (`lower_bound`).
-        self.subsets: list[torch.Tensor] = []
+        # model (refreshed with the cached inputs), sorted, with their LM-head rows; the head on these rows
+        # alone bounds a candidate's loss from below (`lower_bound`). The FINE_BOUND_VOCAB set tightens the
+        # bound of candidates the first one does not stop.
+        self.subsets: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]] = []
+        self.fine_subsets: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]] = []
 
     @contextmanager
     def removed(self, removed_blocks: list[Block]) -> Iterator[None]:
@@ -191,12 +212,25 @@ class _Search:
         nll, count = hidden_nll(self.head, hidden, ids, mask)
         return (nll / count.clamp_min(1)).tolist()
 
-    def lower_bound(self, b: int, hidden: torch.Tensor) -> float:
+    def lower_bound(self, b: int, hidden: torch.Tensor, fine: bool = False) -> float:
         """A lower bound of Σ terms of batch b from the LM-head rows of the batch's likely tokens, less a
         margin far above float rounding (so a candidate is never stopped by rounding)."""
         ids, mask = self.batches[b]
-        bounds = nll_lower_bound(self.head, hidden, ids, mask, self.subsets[b])
+        subset, rows = self.fine_subsets[b] if fine else self.subsets[b]
+        bounds = nll_lower_bound(self.head, hidden, ids, mask, subset, rows)
         return max(float(bounds.sum()) - BOUND_MARGIN * len(ids), 0.0)  # the terms are >= 0 anyway
+
+    def refine(self, finals: list[torch.Tensor], bounds: list[float],
+               stop: Callable[[float], bool]) -> tuple[list[float], bool]:
+        """Tighter bounds (the FINE_BOUND_VOCAB subset) for a candidate that survived the first ones, batch
+        by batch. Returns (the bounds, True) or, once their sum loses, (the bounds so far, False)."""
+        bounds = list(bounds)
+        for b, final in enumerate(finals):
+            if len(self.fine_subsets[b][0]) > len(self.subsets[b][0]):
+                bounds[b] = max(bounds[b], self.lower_bound(b, final, fine=True))
+                if stop(sum(bounds)):
+                    return bounds, False
+        return bounds, True
 
     def full_score(self) -> float:
         """Σ_s mean NLL_s over every sequence, in sequence order (the plain search's score)."""
@@ -254,7 +288,7 @@ class _Search:
         handles = [layers[k].register_forward_pre_hook(keep_input(k), with_kwargs=True)
                    for k in range(first, self.num_layers)]
         handles.append(layers[self.num_layers - 1].register_forward_hook(keep_template, with_kwargs=True))
-        total, self.subsets = 0.0, []
+        total, self.subsets, self.fine_subsets = 0.0, [], []
         try:
             for b in range(len(self.batches)):
                 current[0] = b
@@ -263,7 +297,10 @@ class _Search:
                 if with_head:
                     for t in self.terms_from(b, hidden):
                         total += t
-                self.subsets.append(likely_tokens(self.head, hidden, self.batches[b][0], BOUND_VOCAB))
+                coarse, fine = likely_token_sets(self.head, hidden, self.batches[b][0],
+                                                 (BOUND_VOCAB, FINE_BOUND_VOCAB))
+                self.subsets.append((coarse, subset_rows(self.head, coarse)))
+                self.fine_subsets.append((fine, subset_rows(self.head, fine)))
         finally:
             for h in handles:
                 h.remove()
@@ -279,65 +316,133 @@ class _Search:
             self.capture(self.stale_from, with_head=False)
         return None
 
-    def fast_score(self, c: Block, stop: Callable[[float], bool] | None, stats: dict[str, Any],
-                   keep_at: int | None = None) -> tuple[float, bool]:
-        """Σ terms of the model (with `c` masked) run from c's layer on cached states.
+    def keep_layers(self, ranked: list[Block], budget_bytes: float) -> set[int]:
+        """Layers whose entering states every candidate keeps for the next step (`resume`).
 
-        First the decoder layers, batch by batch: a batch starts at c's layer from the current model's cached
-        input, or further on from c's own state kept by its last evaluation (`resume`); with `keep_at`, the
-        state entering that layer is kept for the next step. After each batch, ``stop`` is asked about the sum
-        of the batches' loss lower bounds so far (the head on a small vocabulary subset): a losing candidate
-        stops there, before the full LM head of any batch. Then the full heads, in batch order (the plain
-        search's arithmetic), stopping once the exact partial sum plus the remaining bounds loses.
-        Returns (the sum, True) or, when stopped, (a lower bound of the sum seen so far, False).
+        All layers when the states fit in `budget_bytes`; otherwise the layers of the best-ranked candidates
+        (the likely removals), as many as fit.
         """
-        kept, bounded = self.resume.setdefault(c, {}), stop is not None and bool(self.subsets)
-        finals, bounds = [], []
+        def cost(layer: int) -> int:  # every candidate below `layer` keeps one state entering it
+            return self.state_bytes() * sum(c[1] < layer for c in ranked)
+
+        if sum(cost(g) for g in range(1, self.num_layers)) <= budget_bytes:
+            return set(range(1, self.num_layers))
+        kept: set[int] = set()
+        for layer in dict.fromkeys(c[1] for c in ranked):
+            if layer > 0 and sum(cost(g) for g in kept | {layer}) <= budget_bytes:
+                kept.add(layer)
+        return kept
+
+    def state_bytes(self) -> int:
+        """Bytes of one candidate's hidden states over the calibration set (one layer)."""
+        tokens = sum(ids.numel() for ids, _ in self.batches)
+        return tokens * self.model.config.hidden_size * self.head.weight.element_size()
+
+    def decode(self, candidates: list[Block], beaten: Callable[[Block, float], bool] | None,
+               stats: dict[str, Any], keep: set[int]) -> tuple[dict[Block, list], dict[Block, list[float]]]:
+        """Every candidate's final hidden states, batch by batch (`advance`), with loss lower bounds.
+
+        After each batch a candidate whose summed bounds are already `beaten` is dropped (its states are not
+        returned; its later batches are not run). Returns (finals per batch, bounds per batch) by candidate.
+        """
+        bounded = beaten is not None and bool(self.subsets)
+        alive, finals = list(candidates), {c: [] for c in candidates}
+        bounds: dict[Block, list[float]] = {c: [] for c in candidates}
         for b in range(len(self.batches)):
-            start, hidden = kept.get(b, (c[1], None))
-            with self.start_at(start, b, hidden), self._keep(kept, b, keep_at if keep_at else -1, start):
-                finals.append(self.final_hidden(b))
-            n = len(self.batches[b][0])
-            stats["layer_passes"] += (self.num_layers - start) * n
-            stats["sequence_passes"] += n
+            if not alive:
+                break
+            for c, final in self.advance(alive, b, keep, stats).items():
+                finals[c].append(final)
+                if bounded:
+                    bounds[c].append(self.lower_bound(b, final))
+            stats["sequence_passes"] += len(alive) * len(self.batches[b][0])
             if bounded:
-                bounds.append(self.lower_bound(b, finals[b]))
-                if stop(sum(bounds)):  # type: ignore[misc]  # it cannot win: no full LM head is run
-                    stats["bound_stops"] += 1
-                    return sum(bounds), False
+                lost = [c for c in alive if beaten(c, sum(bounds[c]))]  # type: ignore[misc]
+                for c in lost:
+                    del finals[c]
+                stats["bound_stops"] += len(lost)
+                alive = [c for c in alive if c not in lost]
+        return finals, bounds
+
+    def head_score(self, finals: list[torch.Tensor], bounds: list[float],
+                   stop: Callable[[float], bool] | None) -> tuple[float, bool]:
+        """Σ terms from a candidate's final states, full LM heads in batch order (the plain search's
+        arithmetic), stopping once the exact partial sum plus the remaining bounds loses.
+        Returns (the sum, True) or, when stopped, (a lower bound of the sum, False)."""
         total = 0.0
         for b, final in enumerate(finals):
             for t in self.terms_from(b, final):
                 total += t
-            rest = sum(bounds[b + 1 :]) if bounded else 0.0
+            rest = sum(bounds[b + 1 :])
             if stop is not None and b < len(finals) - 1 and stop(total + rest):
                 return total + rest, False
         return total, True
 
-    @contextmanager
-    def _keep(self, kept: dict[int, tuple[int, torch.Tensor]], b: int, layer: int,
-              start: int) -> Iterator[None]:
-        """Store the state entering `layer` for batch b into `kept` (only layers after `start` are run)."""
-        if layer <= start:
-            yield
-            return
+    def advance(self, candidates: list[Block], b: int, keep: set[int],
+                stats: dict[str, Any]) -> dict[Block, torch.Tensor]:
+        """Run batch b through the decoder with each candidate removed; return their normed final states.
 
-        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            state = self.adapter.layer_input(args, kwargs).detach()
-            kept[b] = (layer, state.to(self.cache_device, copy=True))
+        A candidate starts at its own layer from the current model's cached input, or further on from its
+        own state kept by an earlier step (`resume`). Past its own layer a candidate runs the current model's
+        layers, the same for every candidate, so layer by layer the candidates that reached it run as one
+        stack (rows are independent: the same values as one candidate at a time). States entering the `keep`
+        layers are kept for the next step.
+        """
+        kept = {c: self.resume.setdefault(c, {}).setdefault(b, {}) for c in candidates}
+        start = {c: max(kept[c], default=c[1]) for c in candidates}
+        frontier: dict[Block, torch.Tensor] = {}
+        for m in range(min(start.values()), self.num_layers):
+            frontier |= {c: kept[c][m] for c in candidates if start[c] == m > c[1]}
+            outputs = self.run_layer(m, b, frontier, stats) if frontier else {}
+            for c in [c for c in candidates if start[c] == m == c[1]]:  # its own layer, with c removed
+                with self.removed([c]):
+                    outputs |= self.run_layer(m, b, {c: None}, stats)
+            frontier = outputs
+            if m + 1 in keep:
+                for c, state in frontier.items():
+                    kept[c][m + 1] = state.to(self.cache_device)
+        return frontier
 
-        handle = self.adapter.layer(layer).register_forward_pre_hook(hook, with_kwargs=True)
+    def run_layer(self, m: int, b: int, states: dict[Block, torch.Tensor | None],
+                  stats: dict[str, Any]) -> dict[Block, torch.Tensor]:
+        """The states leaving layer m for batch b, one per candidate (``None``: the current model's cached
+        input of layer m); after the last layer, the normed final states at positions 0..T-2."""
+        ids, last = self.batches[b][0], m == self.num_layers - 1
+        names, out = list(states), []
+        per_call = max(1, self.stack_tokens // ids.numel())
+        for s in range(0, len(names), per_call):
+            chunk = [states[c] for c in names[s : s + per_call]]
+            hidden = None if chunk[0] is None else torch.cat([h.to(self.device) for h in chunk])
+            stack = ids.repeat(len(chunk), 1)
+            with self.start_at(m, b, hidden):
+                if last:
+                    out.append(self.model.base_model(input_ids=stack, use_cache=False).last_hidden_state[:, :-1])
+                else:
+                    out.append(self.layer_output(m, stack))
+            stats["layer_passes"] += len(stack)
+        return dict(zip(names, (out[0] if len(out) == 1 else torch.cat(out)).split(len(ids))))
+
+    def layer_output(self, m: int, ids: torch.Tensor) -> torch.Tensor:
+        """The model's forward on `ids`, stopped after layer m: the state leaving it."""
+        def stop(_m: nn.Module, _a: tuple, _k: dict, output: Any) -> None:
+            raise _LayerDone(self.adapter.hidden(output))
+
+        handle = self.adapter.layer(m).register_forward_hook(stop, with_kwargs=True)
         try:
-            yield
+            self.model.base_model(input_ids=ids, use_cache=False)
+        except _LayerDone as done:
+            return done.hidden
         finally:
             handle.remove()
+        raise AssertionError(f"layer {m} never ran")
 
     def removed_at(self, block: Block) -> None:
-        """`block` was removed: states kept beyond its layer are stale, and its own are useless."""
+        """`block` was removed: kept states entering layers after it are stale, and its own are useless."""
         self.resume.pop(block, None)
-        for kept in self.resume.values():
-            for b in [b for b, (g, _) in kept.items() if g > block[1]]:
-                del kept[b]
+        for per_batch in self.resume.values():
+            for kept in per_batch.values():
+                for g in [g for g in kept if g > block[1]]:
+                    del kept[g]
 
     def statistics(self, candidates: list[Block], statistic: Callable) -> dict[Block, float]:
         """Mean per-token BI / RM of each candidate block (or layer) in the current model; one pass.
@@ -393,8 +498,13 @@ class BlockPruner:
         batch_size: calibration sequences per forward pass.
         cache: reuse, extend and resume the cached removal order.
         cache_key: identify the model by this string instead of its weight fingerprint.
-        cache_device: where the fast search keeps its hidden states (default: the model's device): about
-            (layers + candidates) x sequences x seqlen x hidden values; ``cpu`` keeps them off the GPU.
+        cache_device: where the fast search keeps its hidden states (default: the model's device): the
+            current model's layer inputs (layers x sequences x seqlen x hidden values) and the candidates'
+            kept states (``resume_gb``); ``cpu`` keeps them off the GPU.
+        stack_tokens: tokens per layer call of the fast search, which runs candidates that share their
+            remaining layers as one stack (1: one candidate at a time).
+        resume_gb: memory for the states the candidates keep between steps (all layers when they fit, else
+            the layers of the likely removals) and for one step's final states held for the LM heads.
         max_sequences, max_seqlen: search on the first calibration sequences, cut to their first tokens (a
             CPU preset; ``None`` = all, the paper).
     """
@@ -406,6 +516,7 @@ class BlockPruner:
     def __init__(self, block_type: str = "mix", score: str = "ppl", search: bool = True, unit: str = "block",
                  num_blocks: int | None = None, search_impl: str = "fast", batch_size: int = 1,
                  cache: bool = True, cache_key: str | None = None, cache_device: str | None = None,
+                 stack_tokens: int = 8192, resume_gb: float = 4.0,
                  max_sequences: int | None = None, max_seqlen: int | None = None) -> None:
         choices = {"block_type": (block_type, ("mix", "mha", "mlp")), "unit": (unit, ("block", "layer")),
                    "score": (score, (*LOSS_SCORES, *STATISTICS)),
@@ -415,11 +526,12 @@ class BlockPruner:
                 raise PruneError(f"blockpruner: {name}={value} is not one of {', '.join(allowed)}")
         if unit == "layer" and block_type != "mix":
             raise PruneError("blockpruner: unit=layer removes whole layers; set block_type=mix")
-        if (num_blocks is not None and num_blocks < 0) or batch_size < 1:
-            raise PruneError("blockpruner: num_blocks must be >= 0 and batch_size >= 1")
+        if (num_blocks is not None and num_blocks < 0) or batch_size < 1 or stack_tokens < 1 or resume_gb < 0:
+            raise PruneError("blockpruner: num_blocks, resume_gb must be >= 0 and batch_size, stack_tokens >= 1")
         self.block_type, self.score, self.search, self.unit = block_type, score, bool(search), unit
         self.num_blocks, self.search_impl, self.batch_size = num_blocks, search_impl, batch_size
         self.cache, self.cache_key, self.cache_device = cache, cache_key, cache_device
+        self.stack_tokens, self.resume_gb = stack_tokens, resume_gb
         self.max_sequences, self.max_seqlen = max_sequences, max_seqlen
         self.on_step: Callable[[int], None] | None = None  # after each saved step (tests interrupt here)
 
@@ -475,7 +587,7 @@ class BlockPruner:
         index = {c: n for n, c in enumerate(candidates)}
         if state["complete"] or reached([tuple(b) for b in state["order"]]):
             return done
-        search = _Search(adapter, calib, self.batch_size, self.cache_device)
+        search = _Search(adapter, calib, self.batch_size, self.cache_device, self.stack_tokens)
         fast_ppl = self.score in LOSS_SCORES and self.search_impl == "fast"
         if state["dense_ppl"] is None and not state["order"] and not fast_ppl:
             search.dense_total = search.full_score()  # the fast search gets it from its first cache pass
@@ -571,30 +683,39 @@ class BlockPruner:
         objective = self._objective(search, state, sizes)
         hints: dict[str, float] = state["hints"]
         ranked = sorted(remaining, key=lambda c: (hints.get(_name(c), math.inf), index[c]))
-        best, best_score, best_value, best_index = remaining[0], math.inf, math.inf, len(index)
+        keep = search.keep_layers(ranked, self.resume_gb * 2**30)
+        best: dict[str, Any] = {"block": remaining[0], "score": math.inf, "value": math.inf, "index": len(index)}
+
+        # The unseen terms are >= 0, so a partial sum's value bounds c's value from below.
+        def beaten(c: Block, partial: float) -> bool:
+            value = objective(partial, c)
+            return value > best["value"] or (value == best["value"] and index[c] > best["index"])
+
         new_hints: dict[str, float] = {}
-        for c in ranked:
-            i = index[c]
-
-            # The unseen terms are >= 0, so a partial sum's value bounds c's value from below.
-            def beaten(partial: float, c: Block = c, i: int = i) -> bool:
-                value = objective(partial, c)
-                return value > best_value or (value == best_value and i > best_index)
-
-            # Keep c's state at the incumbent's layer: if that block is removed, c restarts there next step.
-            guess = best[1] if best_score < math.inf else ranked[0][1]
-            with search.removed([c]):
-                score, complete = search.fast_score(c, beaten, stats, keep_at=guess)
-            stats["evaluations"] += 1
-            stats["completed" if complete else "aborted"] += 1
-            value = objective(score, c)
-            new_hints[_name(c)] = value
-            if complete and (value < best_value or (value == best_value and i < best_index)):
-                best, best_score, best_value, best_index = c, score, value, i
+        # The best-ranked candidate first, alone: its score lets the others stop at their bounds. The rest go
+        # in groups whose final states fit in the memory budget.
+        size = max(1, int(self.resume_gb * 2**30 // search.state_bytes()))
+        for group in [ranked[:1]] + [ranked[s : s + size] for s in range(1, len(ranked), size)]:
+            finals, bounds = search.decode(group, beaten, stats, keep)
+            for c in group:
+                if c in finals:
+                    stop = partial(beaten, c)
+                    bounds[c], alive = search.refine(finals[c], bounds[c], stop)
+                    stats["bound_stops" if not alive else "full_heads"] += 1
+                    score, complete = (search.head_score(finals.pop(c), bounds[c], stop) if alive
+                                       else (sum(bounds[c]), False))
+                else:
+                    score, complete = sum(bounds[c]), False
+                stats["evaluations"] += 1
+                stats["completed" if complete else "aborted"] += 1
+                value = new_hints[_name(c)] = objective(score, c)
+                if complete and (value < best["value"] or (value == best["value"] and index[c] < best["index"])):
+                    best = {"block": c, "score": score, "value": value, "index": index[c]}
         state["hints"] = new_hints
-        search.stale_from = best[1]  # the inputs of the layers after it change
-        search.removed_at(best)
-        return [best], [math.exp(best_score / search.num_seq)], [best_score]
+        chosen = best["block"]
+        search.stale_from = chosen[1]  # the inputs of the layers after it change
+        search.removed_at(chosen)
+        return [chosen], [math.exp(best["score"] / search.num_seq)], [best["score"]]
 
     def _one_shot(self, search: _Search, remaining: list[Block], index: dict[Block, int],
                   state: dict[str, Any], stats: dict[str, Any],
@@ -607,13 +728,18 @@ class BlockPruner:
         else:
             if self.search_impl == "fast":
                 search.dense_total = search.ensure_inputs(stats)
-            scores = {}
-            for c in remaining:
-                with search.removed([c]):
-                    fast = self.search_impl == "fast"
-                    scores[c] = search.fast_score(c, None, stats)[0] if fast else search.full_score()
-                stats["evaluations"] += 1
-                stats["completed"] += 1
+            if self.search_impl == "fast":
+                size, scores = max(1, int(self.resume_gb * 2**30 // search.state_bytes())), {}
+                for s in range(0, len(remaining), size):
+                    finals, _ = search.decode(remaining[s : s + size], None, stats, set())
+                    scores |= {c: search.head_score(f, [], None)[0] for c, f in finals.items()}
+            else:
+                scores = {}
+                for c in remaining:
+                    with search.removed([c]):
+                        scores[c] = search.full_score()
+            stats["evaluations"] += len(remaining)
+            stats["completed"] += len(remaining)
             objective = self._objective(search, state, sizes)
             values = {c: objective(scores[c], c) for c in remaining}
         order = sorted(remaining, key=lambda c: (values[c], index[c]))
@@ -668,8 +794,8 @@ class BlockPruner:
         whole = sorted(attn & mlp)  # both blocks gone: the layer is deleted whole (the same function)
         k = len(order)
         ppls = state["step_ppl"][:k]
-        totals = ("evaluations", "completed", "aborted", "bound_stops", "plain_evaluations", "layer_passes",
-                  "plain_layer_passes", "cache_layer_passes", "seconds")
+        totals = ("evaluations", "completed", "aborted", "bound_stops", "full_heads", "plain_evaluations",
+                  "layer_passes", "plain_layer_passes", "cache_layer_passes", "seconds")
         info = {
             "removal_order": [list(b) for b in order],
             "step_ppl": ppls if self.search else None,
