@@ -161,6 +161,8 @@ def test_unreachable_ratio_and_bad_options_raise() -> None:
         _prune(BlockPruner(num_blocks=9, cache=False), model, _calib())
     with pytest.raises(PruneError, match="block_type"):
         BlockPruner(block_type="attention")
+    with pytest.raises(PruneError, match="stack_tokens"):
+        BlockPruner(stack_tokens=0)
     with pytest.raises(PruneError, match="calibration"):
         _prune(BlockPruner(cache=False), model, None)  # type: ignore[arg-type]
 

@@ -20,7 +20,8 @@ the one-shot "- search" ablation (the K lowest single-block scores); ``unit=laye
 (whole layers are the candidates; Table 2).
 
 Speed-ups (exact: ``search_impl=fast`` selects what ``search_impl=plain``, the official loop with a full
-forward pass per candidate, selects; both compute every complete score with the same per-sequence arithmetic):
+forward pass per candidate, selects; both compute every complete score with the same arithmetic per
+sequence):
 - The hidden state entering every layer is cached once per step for every calibration batch (forward
   pre-hooks). A candidate at layer i runs the model's own forward with layers < i swapped for a stub that
   outputs the cached state, so masks and position embeddings come from HF and only layers i..L-1 and the
@@ -416,7 +417,8 @@ class _Search:
             stack = ids.repeat(len(chunk), 1)
             with self.start_at(m, b, hidden):
                 if last:
-                    out.append(self.model.base_model(input_ids=stack, use_cache=False).last_hidden_state[:, :-1])
+                    final = self.model.base_model(input_ids=stack, use_cache=False).last_hidden_state
+                    out.append(final[:, :-1])
                 else:
                     out.append(self.layer_output(m, stack))
             stats["layer_passes"] += len(stack)
@@ -526,8 +528,10 @@ class BlockPruner:
                 raise PruneError(f"blockpruner: {name}={value} is not one of {', '.join(allowed)}")
         if unit == "layer" and block_type != "mix":
             raise PruneError("blockpruner: unit=layer removes whole layers; set block_type=mix")
-        if (num_blocks is not None and num_blocks < 0) or batch_size < 1 or stack_tokens < 1 or resume_gb < 0:
-            raise PruneError("blockpruner: num_blocks, resume_gb must be >= 0 and batch_size, stack_tokens >= 1")
+        negative = (num_blocks is not None and num_blocks < 0) or resume_gb < 0
+        if negative or batch_size < 1 or stack_tokens < 1:
+            raise PruneError("blockpruner: num_blocks, resume_gb must be >= 0; batch_size, stack_tokens "
+                             ">= 1")
         self.block_type, self.score, self.search, self.unit = block_type, score, bool(search), unit
         self.num_blocks, self.search_impl, self.batch_size = num_blocks, search_impl, batch_size
         self.cache, self.cache_key, self.cache_device = cache, cache_key, cache_device
@@ -684,7 +688,8 @@ class BlockPruner:
         hints: dict[str, float] = state["hints"]
         ranked = sorted(remaining, key=lambda c: (hints.get(_name(c), math.inf), index[c]))
         keep = search.keep_layers(ranked, self.resume_gb * 2**30)
-        best: dict[str, Any] = {"block": remaining[0], "score": math.inf, "value": math.inf, "index": len(index)}
+        best: dict[str, Any] = {"block": remaining[0], "score": math.inf, "value": math.inf,
+                                "index": len(index)}
 
         # The unseen terms are >= 0, so a partial sum's value bounds c's value from below.
         def beaten(c: Block, partial: float) -> bool:
@@ -709,7 +714,8 @@ class BlockPruner:
                 stats["evaluations"] += 1
                 stats["completed" if complete else "aborted"] += 1
                 value = new_hints[_name(c)] = objective(score, c)
-                if complete and (value < best["value"] or (value == best["value"] and index[c] < best["index"])):
+                wins = value < best["value"] or (value == best["value"] and index[c] < best["index"])
+                if complete and wins:
                     best = {"block": c, "score": score, "value": value, "index": index[c]}
         state["hints"] = new_hints
         chosen = best["block"]
