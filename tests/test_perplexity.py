@@ -55,7 +55,7 @@ def test_uniform_model_has_perplexity_vocab_size(convention: str) -> None:
 
 
 def test_nll_lower_bound_is_below_the_exact_nll_and_tight_on_the_full_vocabulary(tiny) -> None:
-    from prune.eval.nll import hidden_nll, likely_tokens, nll_lower_bound
+    from prune.eval.nll import hidden_nll, likely_token_sets, nll_lower_bound
 
     model = tiny.model
     ids = random_ids(model.config.vocab_size, batch=2, length=24, seed=3)
@@ -65,7 +65,7 @@ def test_nll_lower_bound_is_below_the_exact_nll_and_tight_on_the_full_vocabulary
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
         nll, count = hidden_nll(head, hidden, ids, mask)
         exact = nll / count
-        subset = likely_tokens(head, hidden, ids, size=4)
+        subset = likely_token_sets(head, hidden, ids, (4,))[0]
         assert set(ids[:, 1:].reshape(-1).tolist()) <= set(subset.tolist()) and len(subset) < head.weight.shape[0]
         bound = nll_lower_bound(head, hidden, ids, mask, subset)
         assert torch.all(bound <= exact + 1e-9) and torch.all(bound > 0)

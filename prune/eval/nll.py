@@ -50,16 +50,11 @@ def hidden_nll(
     return nll.cpu(), mask.sum(dim=1).cpu()
 
 
-def likely_tokens(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, size: int,
-                  chunk: int = 256) -> torch.Tensor:
-    """Sorted ids of every target token and of the `size` tokens holding the most probability mass summed
-    over every position of `hidden` (the vocabulary a lower bound of the NLL should cover)."""
-    return likely_token_sets(head, hidden, input_ids, (size,), chunk)[0]
-
-
 def likely_token_sets(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, sizes: tuple[int, ...],
                       chunk: int = 256) -> list[torch.Tensor]:
-    """`likely_tokens` for several sizes from one pass of the LM head (nested sets)."""
+    """For each size: the sorted ids of every target token and of the `size` tokens holding the most
+    probability mass summed over every position of `hidden` (the vocabulary a lower bound of the NLL should
+    cover). One pass of the LM head serves every size; the sets are nested."""
     mass = torch.zeros(head.weight.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[1], chunk):
         mass += torch.softmax(head(hidden[:, s : s + chunk]).float(), dim=-1).sum(dim=(0, 1))

@@ -339,6 +339,11 @@ class _Search:
         tokens = sum(ids.numel() for ids, _ in self.batches)
         return tokens * self.model.config.hidden_size * self.head.weight.element_size()
 
+    def groups(self, candidates: list[Block], budget_bytes: float) -> list[list[Block]]:
+        """`candidates` in consecutive groups whose final states (`decode`) fit in `budget_bytes`."""
+        size = max(1, int(budget_bytes // self.state_bytes()))
+        return [candidates[s : s + size] for s in range(0, len(candidates), size)]
+
     def decode(self, candidates: list[Block], beaten: Callable[[Block, float], bool] | None,
                stats: dict[str, Any], keep: set[int]) -> tuple[dict[Block, list], dict[Block, list[float]]]:
         """Every candidate's final hidden states, batch by batch (`advance`), with loss lower bounds.
@@ -688,19 +693,18 @@ class BlockPruner:
         hints: dict[str, float] = state["hints"]
         ranked = sorted(remaining, key=lambda c: (hints.get(_name(c), math.inf), index[c]))
         keep = search.keep_layers(ranked, self.resume_gb * 2**30)
-        best: dict[str, Any] = {"block": remaining[0], "score": math.inf, "value": math.inf,
-                                "index": len(index)}
+        # The best so far: ties go to the first candidate in the official order, so values compare as
+        # (value, index) pairs.
+        best: dict[str, Any] = {"block": remaining[0], "score": math.inf, "key": (math.inf, len(index))}
 
         # The unseen terms are >= 0, so a partial sum's value bounds c's value from below.
         def beaten(c: Block, partial: float) -> bool:
-            value = objective(partial, c)
-            return value > best["value"] or (value == best["value"] and index[c] > best["index"])
+            return (objective(partial, c), index[c]) > best["key"]
 
         new_hints: dict[str, float] = {}
         # The best-ranked candidate first, alone: its score lets the others stop at their bounds. The rest go
         # in groups whose final states fit in the memory budget.
-        size = max(1, int(self.resume_gb * 2**30 // search.state_bytes()))
-        for group in [ranked[:1]] + [ranked[s : s + size] for s in range(1, len(ranked), size)]:
+        for group in [ranked[:1], *search.groups(ranked[1:], self.resume_gb * 2**30)]:
             finals, bounds = search.decode(group, beaten, stats, keep)
             for c in group:
                 if c in finals:
@@ -714,9 +718,8 @@ class BlockPruner:
                 stats["evaluations"] += 1
                 stats["completed" if complete else "aborted"] += 1
                 value = new_hints[_name(c)] = objective(score, c)
-                wins = value < best["value"] or (value == best["value"] and index[c] < best["index"])
-                if complete and wins:
-                    best = {"block": c, "score": score, "value": value, "index": index[c]}
+                if complete and (value, index[c]) < best["key"]:
+                    best = {"block": c, "score": score, "key": (value, index[c])}
         state["hints"] = new_hints
         chosen = best["block"]
         search.stale_from = chosen[1]  # the inputs of the layers after it change
@@ -733,11 +736,9 @@ class BlockPruner:
             stats["evaluations"] += 1
         else:
             if self.search_impl == "fast":
-                search.dense_total = search.ensure_inputs(stats)
-            if self.search_impl == "fast":
-                size, scores = max(1, int(self.resume_gb * 2**30 // search.state_bytes())), {}
-                for s in range(0, len(remaining), size):
-                    finals, _ = search.decode(remaining[s : s + size], None, stats, set())
+                search.dense_total, scores = search.ensure_inputs(stats), {}
+                for group in search.groups(remaining, self.resume_gb * 2**30):
+                    finals, _ = search.decode(group, None, stats, set())
                     scores |= {c: search.head_score(f, [], None)[0] for c, f in finals.items()}
             else:
                 scores = {}
