@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def run(cfg: DictConfig) -> float | None:
     exit_code, loaded = 1, None
     try:
         set_seed(cfg.seed)
+        set_determinism(bool(cfg.deterministic))
         started = time.perf_counter()
         loaded = load_model_and_tokenizer(cfg.model)
         adapter = adapter_for(loaded.model)
@@ -99,6 +101,16 @@ def run(cfg: DictConfig) -> float | None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def set_determinism(on: bool) -> None:
+    """``deterministic=true``: deterministic CUDA kernels, meant to make same-seed GPU runs repeat (slower).
+    An op with no deterministic version warns instead of failing. CUBLAS_WORKSPACE_CONFIG only takes effect
+    when set before the process's first cuBLAS call, which is why it is set here, before the model loads."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
 
 
 def _make_logger(cfg: DictConfig, choices: dict[str, Any], run_dir: Path) -> tracking.Logger:

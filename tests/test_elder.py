@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
-from prune.methods.elder import Elder
+from prune.methods.elder import Elder, _is_checkpointing
 from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.hooks import layer_io
@@ -163,7 +163,7 @@ def test_ablations_and_options() -> None:
     b = b.prune(adapter_for(ckpt_model), calib, 0.5)
     assert a.drop_layers == b.drop_layers
     assert a.info["rounds"][-1]["scales"] == pytest.approx(b.info["rounds"][-1]["scales"], abs=1e-5)
-    assert not ckpt_model.is_activation_checkpointing and _hooks(ckpt_model) == 0
+    assert not _is_checkpointing(ckpt_model) and _hooks(ckpt_model) == 0
     # neighbours: only P and the layers next to it train; l1 regulariser
     near = copy.deepcopy(model)
     plan = Elder(stage2_trainable="neighbours", reg_norm="l1", stage2_lr=1e-3, **base).prune(
@@ -188,6 +188,13 @@ def test_config_and_errors() -> None:
     assert len(plan.drop_layers) == math.ceil(0.25 * 4)
     with pytest.raises(PruneError, match="protect"):
         Elder(protect_first=2, protect_last=2, **FAST).prune(adapter_for(tiny.model), calib, 0.25)
+    # a fixed P (extension): no stage 1, stage 2 on the given layers, the ratio ignored
+    fixed = Elder(layers=[2, 1], stage2_steps=1, **FAST)
+    fixed = fixed.prune(adapter_for(copy.deepcopy(tiny.model)), calib, 0.25)
+    assert fixed.drop_layers == [1, 2] and "rounds" not in fixed.info
+    assert len(fixed.info["stage2_curves"]["ce"]) == 1
+    with pytest.raises(PruneError, match=r"method.layers=\[4\] must name layers in 0..3"):
+        Elder(layers=[4], **FAST).prune(adapter_for(tiny.model), calib, 0.25)
     with pytest.raises(PruneError, match="reg_norm"):
         Elder(reg_norm="l3")
     with pytest.raises(PruneError, match="calibration"):

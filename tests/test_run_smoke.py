@@ -124,3 +124,17 @@ def test_dense_speed_per_cell_measures_the_dense_model_in_the_cell(tmp_path: Pat
     assert pruned["speed/prefill_speedup"] == dense["speed/prefill_ms"] / pruned["speed/prefill_ms"]
     bad = run_cli(*args, "dense_speed=sometimes", cwd=tmp_path)
     assert bad.returncode == 2 and "dense_speed=sometimes" in bad.stderr and "per_cell" in bad.stderr
+
+
+def test_deterministic_switch_sets_and_clears_torch_flags(monkeypatch) -> None:
+    from prune.runner import set_determinism
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        set_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        set_determinism(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+

@@ -89,6 +89,8 @@ class Elder:
         scale_site: ``output`` (paper: S multiplies the whole output, residual included) | ``delta``
             (deviation: S multiplies only what the layer adds, x + S·(Layer(x) − x)).
         protect_first / protect_last: never select the first / last this many layers (code: 3 / 4).
+        layers: extension, not in the paper: skip stage 1 and regularise and remove these layers (for example
+            another method's selection, to tell the selection's share from stage 2's); the ratio is ignored.
         labels: ``all`` next-token targets | ``last_token`` (the code's SLEB labels).
         stage1_lr: AdamW lr of the scalars. stage1_weight_lr: lr of the weights when stage1_trainable=all.
         stage2_lr: AdamW lr of stage 2. warmup_ratio, weight_decay: both stages' schedule and AdamW decay.
@@ -117,6 +119,7 @@ class Elder:
         stage1_epochs_per_round: float = 1.0, stage2_steps: int | None = None, stage2_epochs: float = 1.0,
         batch_size: int = 1, grad_accum: int = 8, seqlen: int | None = None, bf16: bool = True,
         gradient_checkpointing: bool = False, ce_chunk: int = 1024, seed: int = 0, progress: bool = True,
+        layers: list[int] | None = None,
     ) -> None:
         choices = [("reg_norm", reg_norm, ("l1", "l2")), ("labels", labels, ("all", "last_token")),
                    ("stage1_trainable", stage1_trainable, ("scales", "all")),
@@ -140,16 +143,13 @@ class Elder:
         self.batch_size, self.grad_accum, self.seqlen = batch_size, grad_accum, seqlen
         self.bf16, self.gradient_checkpointing, self.ce_chunk = bf16, gradient_checkpointing, ce_chunk
         self.seed, self.progress = seed, progress
+        self.layers = None if layers is None else sorted({int(i) for i in layers})
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         if calib is None:
             raise PruneError("elder needs calibration data; do not set calib=null")
         num_layers = adapter.num_layers()
-        n = layers_to_remove(ratio, num_layers)
-        candidates = list(range(self.protect_first, num_layers - self.protect_last))
-        if len(candidates) < n:
-            raise PruneError(f"ratio={ratio} removes {n} layers but protect_first={self.protect_first} and "
-                             f"protect_last={self.protect_last} leave {len(candidates)}; lower them")
+        n, candidates = self._selectable(ratio, num_layers)
         dist = _Dist.create(adapter.model)
         if dist.n > self.grad_accum:
             raise PruneError(f"{dist.n} processes but method.grad_accum={self.grad_accum} micro-batches per step; "
@@ -161,22 +161,39 @@ class Elder:
             "stage2": self.stage2, "stage1_trainable": self.stage1_trainable, "scale_site": self.scale_site,
             "stage2_trainable": self.stage2_trainable, "labels": self.labels, "reg_norm": self.reg_norm,
             "train_windows": list(data.ids.shape), "global_batch": self.batch_size * self.grad_accum,
-            "processes": dist.n,
+            "processes": dist.n, "fixed_layers": self.layers,
         }
         if n == 0:
             return PrunePlan(method="elder", ratio=ratio, ratio_unit=self.ratio_unit, info=info)
+        scores: dict[str, list[float]] = {}
         with _training_mode(adapter.model, self.gradient_checkpointing):
-            t0 = time.perf_counter()
-            order, rounds, curves1 = self._stage1(adapter, data, dist, n, candidates)
-            info |= {"selection_order": order, "rounds": rounds, "stage1_curves": curves1,
-                     "time_stage1_s": time.perf_counter() - t0}
+            if self.layers is None:
+                t0 = time.perf_counter()
+                order, rounds, curves1 = self._stage1(adapter, data, dist, n, candidates)
+                info |= {"selection_order": order, "rounds": rounds, "stage1_curves": curves1,
+                         "time_stage1_s": time.perf_counter() - t0}
+                scores["abs_scale_round1"] = [abs(s) for s in rounds[0]["scales"]]
+            else:
+                order = list(self.layers)
             if self.stage2:
                 t1 = time.perf_counter()
                 info["stage2_curves"] = self._stage2(adapter, data, dist, sorted(order))
                 info["time_stage2_s"] = time.perf_counter() - t1
-        first = rounds[0]["scales"]
         return PrunePlan(method="elder", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=sorted(order),
-                         scores={"abs_scale_round1": [abs(s) for s in first]}, info=info)
+                         scores=scores, info=info)
+
+    def _selectable(self, ratio: float, num_layers: int) -> tuple[int, list[int]]:
+        """How many layers go, and the layers stage 1 may pick (``layers`` fixes both)."""
+        if self.layers is not None:
+            if not self.layers or self.layers[0] < 0 or self.layers[-1] >= num_layers:
+                raise PruneError(f"method.layers={self.layers} must name layers in 0..{num_layers - 1}")
+            return len(self.layers), list(self.layers)
+        n = layers_to_remove(ratio, num_layers)
+        candidates = list(range(self.protect_first, num_layers - self.protect_last))
+        if len(candidates) < n:
+            raise PruneError(f"ratio={ratio} removes {n} layers but protect_first={self.protect_first} and "
+                             f"protect_last={self.protect_last} leave {len(candidates)}; lower them")
+        return n, candidates
 
     # ---- stage 1 ---------------------------------------------------------------------------------------
 
@@ -426,6 +443,15 @@ def _is_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _checkpointing_call(model: nn.Module, action: str) -> Callable[..., None]:
+    """``model.<activation|gradient>_checkpointing_<action>``: recent transformers 5 releases renamed the
+    gradient_* methods (kept as deprecated aliases); earlier ones (5.17 on GPU images) lack the new names."""
+    for prefix in ("activation", "gradient"):
+        if hasattr(model, f"{prefix}_checkpointing_{action}"):
+            return getattr(model, f"{prefix}_checkpointing_{action}")
+    raise AttributeError(f"{type(model).__name__} has no checkpointing_{action} method")
+
+
 @contextmanager
 def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
     """Train mode, all weights frozen (loops unfreeze what they train), optional checkpointing; all undone."""
@@ -436,14 +462,14 @@ def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[N
     for p, _ in flags:
         p.requires_grad_(False)
     if checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})  # type: ignore[operator]
+        _checkpointing_call(model, "enable")({"use_reentrant": False})
         model.disable_input_require_grads()  # type: ignore[operator]  # only reentrant checkpointing needs it
     model.train()
     try:
         yield
     finally:
         if checkpointing:
-            model.activation_checkpointing_disable()  # type: ignore[operator]
+            _checkpointing_call(model, "disable")()
             for attr in ("_require_grads_hooks", "_require_grads_hook"):
                 if not had_attr and hasattr(model, attr):
                     delattr(model, attr)
