@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export WANDB_SILENT := true
 
 .PHONY: help install demo test test-slow test-all bench-ppl smoke reproduce-table1 reproduce-table2 \
-        reproduce-blockpruner-table2 wandb-report clean-outputs
+        reproduce-blockpruner-table2 reference-gpu wandb-report clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-29s %s\n", $$1, $$2}'
@@ -63,6 +63,18 @@ reproduce-table2: $(STAMP)  ## Table 2: every method at 20/50% (PPL, zero-shot, 
 
 reproduce-blockpruner-table2: $(STAMP)  ## BlockPruner's ablation (full, - search, - block); SCALE=...
 	$(call reproduce,blockpruner_table2)
+
+# experiments/reference_gpu: the embedded model under the papers' data protocols (no CPU preset). One GPU,
+# ~10 min on an H200; on a CPU it takes hours. Results: outputs/reference_gpu/.
+GPU_REF = $(PY) run.py -m model.preset=null eval=ppl experiment_name=reference_gpu $(ARGS)
+ELDER_25 = method=elder ratio=0.25 method.batch_size=8 method.grad_accum=1
+reference-gpu: $(STAMP)  ## the embedded model under the papers' protocols, one GPU (experiments/reference_gpu)
+	$(GPU_REF) method=dense,shortgpt,last_layers ratio=0.25
+	$(GPU_REF) method=blockpruner calib=alpaca ratio=0.25
+	$(GPU_REF) $(ELDER_25)
+	$(GPU_REF) $(ELDER_25) method.protect_first=3 method.protect_last=4 method.stage2=true,false
+	$(GPU_REF) $(ELDER_25) 'method.layers=[3,12,13,14,15,17,25,26],[5,10,15,17,18,19,23,24]' \
+	    method.stage2_epochs=1,8
 
 wandb-report: $(STAMP)  ## a W&B report of a sweep (online; TABLE=table2 SCALE=paper)
 	$(PY) -m prune.tables $(TABLE) scale=$(SCALE) $(ARGS) --report
