@@ -70,3 +70,32 @@ def test_layer_rounding_and_limits() -> None:
     assert layers_to_remove(0.0, 30) == 0
     with pytest.raises(PruneError, match="at most 29 can be removed"):
         layers_to_remove(0.99, 30)
+
+
+def test_plan_replays_a_saved_plan_and_prefixes_of_its_order(tiny, tmp_path) -> None:
+    import json
+
+    from prune.methods.plan import Plan
+
+    order = [["mha", 1], ["mlp", 1], ["mlp", 3], ["mha", 0]]
+    saved = PrunePlan(method="blockpruner", ratio=0.2, ratio_unit="params", drop_layers=[1], drop_attn=[0],
+                      drop_mlp=[3], info={"removal_order": order, "step_removed_frac": [0.01, 0.03, 0.05, 0.06]})
+    cell = tmp_path / "results.json"
+    cell.write_text(json.dumps({"status": "complete", "plan": json.loads(saved.to_json())}))
+    model = copy.deepcopy(tiny.model)
+    adapter = adapter_for(model)
+    whole = Plan(path=str(cell)).prune(adapter, None, 0.0)
+    assert (whole.drop_layers, whole.drop_attn, whole.drop_mlp) == ([1], [0], [3])
+    assert whole.method == "plan" and whole.info["replayed"]["method"] == "blockpruner"
+    # prefixes: two blocks of layer 1 -> the whole layer; three -> plus layer 3's MLP
+    two, three = (Plan(path=str(cell), steps=k).prune(adapter, None, 0.0) for k in (2, 3))
+    assert (two.drop_layers, two.drop_attn, two.drop_mlp) == ([1], [], [])
+    assert (three.drop_layers, three.drop_mlp, three.info["achieved_ratio"]) == ([1], [3], 0.05)
+    surgery.apply(adapter, three)
+    assert adapter.num_layers() == 3
+    with pytest.raises(PruneError, match="method.steps=5"):
+        Plan(path=str(cell), steps=5).prune(adapter_for(copy.deepcopy(tiny.model)), None, 0.0)
+    with pytest.raises(PruneError, match="is not a file"):
+        Plan(path=str(tmp_path / "missing.json")).prune(adapter, None, 0.0)
+    with pytest.raises(PruneError, match="names layer 3 but the model has 3 layers"):
+        Plan(path=str(cell)).prune(adapter, None, 0.0)

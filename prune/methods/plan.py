@@ -1,0 +1,63 @@
+"""Replay a pruning decision saved by an earlier run, without running its method again.
+
+Reads the ``plan`` of a cell's ``results.json`` (or a bare plan JSON) and hands it to surgery unchanged. Uses:
+evaluate a plan found on one machine on another (a GPU search, a CPU evaluation), or under another
+evaluation; and evaluate prefixes of a greedy removal order: ``steps=K`` keeps the first K entries of the
+plan's ``info.removal_order`` (BlockPruner), which is the plan that search returns at the ratio its step K
+reached. Not a pruning method of any paper; the ratio is ignored (the plan decides what goes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prune.data.calibration import CalibrationSet
+from prune.errors import PruneError
+from prune.methods.blockpruner import mask_sets
+from prune.models.adapter import ModelAdapter
+from prune.types import PrunePlan
+
+
+class Plan:
+    """Apply the plan stored at ``path``, optionally cut to the first ``steps`` blocks of its removal order."""
+
+    ratio_unit = "none"
+    needs_calibration = False
+
+    def __init__(self, path: str | None = None, steps: int | None = None) -> None:
+        self.path, self.steps = path, steps
+
+    def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
+        saved = self._load()
+        source = {"path": str(Path(self.path).resolve()), "method": saved.method, "ratio": saved.ratio,
+                  "steps": self.steps}
+        plan = self._prefix(saved) if self.steps is not None else saved
+        layers = plan.drop_layers + plan.drop_attn + plan.drop_mlp + [int(i) for i in plan.keep_dims]
+        if layers and max(layers) >= adapter.num_layers():
+            raise PruneError(f"the plan in {self.path} names layer {max(layers)} but the model has "
+                             f"{adapter.num_layers()} layers; pass the model the plan was made for")
+        return PrunePlan(method="plan", ratio=plan.ratio, ratio_unit=plan.ratio_unit, drop_layers=plan.drop_layers,
+                         drop_attn=plan.drop_attn, drop_mlp=plan.drop_mlp, keep_dims=plan.keep_dims,
+                         scores=plan.scores, info={"replayed": source} | plan.info)
+
+    def _load(self) -> PrunePlan:
+        if not self.path or not Path(self.path).is_file():
+            raise PruneError(f"method.path={self.path} is not a file; pass a results.json or a plan JSON")
+        data = json.loads(Path(self.path).read_text())
+        return PrunePlan(**data.get("plan", data))
+
+    def _prefix(self, plan: PrunePlan) -> PrunePlan:
+        """The plan after the first ``steps`` blocks of the removal order (both blocks gone: the whole layer)."""
+        order = plan.info.get("removal_order")
+        if not order or not 0 <= self.steps <= len(order):
+            length = len(order) if order else 0
+            raise PruneError(f"method.steps={self.steps} needs a plan with a removal order of at least that many "
+                             f"blocks; {self.path} has {length}")
+        attn, mlp = mask_sets([(kind, layer) for kind, layer in order[: self.steps]])
+        whole = sorted(attn & mlp)
+        fracs = plan.info.get("step_removed_frac") or []
+        info = {"removal_order": order[: self.steps], "step_removed_frac": fracs[: self.steps],
+                "achieved_ratio": fracs[self.steps - 1] if self.steps and fracs else None}
+        return PrunePlan(method=plan.method, ratio=plan.ratio, ratio_unit=plan.ratio_unit, drop_layers=whole,
+                         drop_attn=sorted(attn - set(whole)), drop_mlp=sorted(mlp - set(whole)), info=info)
