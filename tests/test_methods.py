@@ -78,8 +78,9 @@ def test_plan_replays_a_saved_plan_and_prefixes_of_its_order(tiny, tmp_path) -> 
     from prune.methods.plan import Plan
 
     order = [["mha", 1], ["mlp", 1], ["mlp", 3], ["mha", 0]]
+    fracs = [0.01, 0.03, 0.05, 0.06]
     saved = PrunePlan(method="blockpruner", ratio=0.2, ratio_unit="params", drop_layers=[1], drop_attn=[0],
-                      drop_mlp=[3], info={"removal_order": order, "step_removed_frac": [0.01, 0.03, 0.05, 0.06]})
+                      drop_mlp=[3], info={"removal_order": order, "step_removed_frac": fracs})
     cell = tmp_path / "results.json"
     cell.write_text(json.dumps({"status": "complete", "plan": json.loads(saved.to_json())}))
     model = copy.deepcopy(tiny.model)

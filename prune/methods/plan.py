@@ -20,7 +20,7 @@ from prune.types import PrunePlan
 
 
 class Plan:
-    """Apply the plan stored at ``path``, optionally cut to the first ``steps`` blocks of its removal order."""
+    """Apply the plan stored at ``path``, optionally cut to the first ``steps`` blocks of its order."""
 
     ratio_unit = "none"
     needs_calibration = False
@@ -37,9 +37,9 @@ class Plan:
         if layers and max(layers) >= adapter.num_layers():
             raise PruneError(f"the plan in {self.path} names layer {max(layers)} but the model has "
                              f"{adapter.num_layers()} layers; pass the model the plan was made for")
-        return PrunePlan(method="plan", ratio=plan.ratio, ratio_unit=plan.ratio_unit, drop_layers=plan.drop_layers,
-                         drop_attn=plan.drop_attn, drop_mlp=plan.drop_mlp, keep_dims=plan.keep_dims,
-                         scores=plan.scores, info={"replayed": source} | plan.info)
+        return PrunePlan(method="plan", ratio=plan.ratio, ratio_unit=plan.ratio_unit,
+                         drop_layers=plan.drop_layers, drop_attn=plan.drop_attn, drop_mlp=plan.drop_mlp,
+                         keep_dims=plan.keep_dims, scores=plan.scores, info={"replayed": source} | plan.info)
 
     def _load(self) -> PrunePlan:
         if not self.path or not Path(self.path).is_file():
@@ -48,12 +48,12 @@ class Plan:
         return PrunePlan(**data.get("plan", data))
 
     def _prefix(self, plan: PrunePlan) -> PrunePlan:
-        """The plan after the first ``steps`` blocks of the removal order (both blocks gone: the whole layer)."""
+        """The plan after the first ``steps`` blocks of the removal order (both blocks gone: whole layer)."""
         order = plan.info.get("removal_order")
         if not order or not 0 <= self.steps <= len(order):
             length = len(order) if order else 0
-            raise PruneError(f"method.steps={self.steps} needs a plan with a removal order of at least that many "
-                             f"blocks; {self.path} has {length}")
+            raise PruneError(f"method.steps={self.steps} needs a plan with a removal order of at least that "
+                             f"many blocks; {self.path} has {length}")
         attn, mlp = mask_sets([(kind, layer) for kind, layer in order[: self.steps]])
         whole = sorted(attn & mlp)
         fracs = plan.info.get("step_removed_frac") or []
