@@ -127,6 +127,14 @@ def mask_sets(removed: list[Block]) -> tuple[set[int], set[int]]:
     return attn, {i for kind, i in removed if kind in ("mlp", "layer")}
 
 
+def plan_sets(removed: list[Block]) -> tuple[list[int], list[int], list[int]]:
+    """(layers deleted whole, layers losing only attention, layers losing only the MLP) for removed blocks:
+    a layer whose both blocks are gone is deleted whole (the same function)."""
+    attn, mlp = mask_sets(removed)
+    whole = attn & mlp
+    return sorted(whole), sorted(attn - whole), sorted(mlp - whole)
+
+
 def plain_evaluations(num_candidates: int, first_step: int, steps: int) -> int:
     """Evaluations of the plain greedy search for steps first_step+1..first_step+steps: Σ (C - j + 1)."""
     return sum(num_candidates - j for j in range(first_step, first_step + steps))
@@ -540,7 +548,7 @@ class BlockPruner:
         self.block_type, self.score, self.search, self.unit = block_type, score, bool(search), unit
         self.num_blocks, self.search_impl, self.batch_size = num_blocks, search_impl, batch_size
         self.cache, self.cache_key, self.cache_device = cache, cache_key, cache_device
-        self.stack_tokens, self.resume_gb = stack_tokens, resume_gb
+        self.stack_tokens, self.resume_bytes = stack_tokens, resume_gb * 2**30
         self.max_sequences, self.max_seqlen = max_sequences, max_seqlen
         self.on_step: Callable[[int], None] | None = None  # after each saved step (tests interrupt here)
 
@@ -692,7 +700,7 @@ class BlockPruner:
         objective = self._objective(search, state, sizes)
         hints: dict[str, float] = state["hints"]
         ranked = sorted(remaining, key=lambda c: (hints.get(_name(c), math.inf), index[c]))
-        keep = search.keep_layers(ranked, self.resume_gb * 2**30)
+        keep = search.keep_layers(ranked, self.resume_bytes)
         # The best so far: ties go to the first candidate in the official order, so values compare as
         # (value, index) pairs.
         best: dict[str, Any] = {"block": remaining[0], "score": math.inf, "key": (math.inf, len(index))}
@@ -704,7 +712,7 @@ class BlockPruner:
         new_hints: dict[str, float] = {}
         # The best-ranked candidate first, alone: its score lets the others stop at their bounds. The rest go
         # in groups whose final states fit in the memory budget.
-        for group in [ranked[:1], *search.groups(ranked[1:], self.resume_gb * 2**30)]:
+        for group in [ranked[:1], *search.groups(ranked[1:], self.resume_bytes)]:
             finals, bounds = search.decode(group, beaten, stats, keep)
             for c in group:
                 if c in finals:
@@ -737,7 +745,7 @@ class BlockPruner:
         else:
             if self.search_impl == "fast":
                 search.dense_total, scores = search.ensure_inputs(stats), {}
-                for group in search.groups(remaining, self.resume_gb * 2**30):
+                for group in search.groups(remaining, self.resume_bytes):
                     finals, _ = search.decode(group, None, stats, set())
                     scores |= {c: search.head_score(f, [], None)[0] for c, f in finals.items()}
             else:
@@ -797,8 +805,7 @@ class BlockPruner:
 
     def _plan(self, ratio: float, order: list[Block], fracs: list[float], state: dict[str, Any],
               done: dict[str, Any], path: Path | None) -> PrunePlan:
-        attn, mlp = mask_sets(order)
-        whole = sorted(attn & mlp)  # both blocks gone: the layer is deleted whole (the same function)
+        whole, attn_only, mlp_only = plan_sets(order)
         k = len(order)
         ppls = state["step_ppl"][:k]
         totals = ("evaluations", "completed", "aborted", "bound_stops", "full_heads", "plain_evaluations",
@@ -830,7 +837,7 @@ class BlockPruner:
         }
         return PrunePlan(
             method=self.name, ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=whole,
-            drop_attn=sorted(attn - set(whole)), drop_mlp=sorted(mlp - set(whole)),
+            drop_attn=attn_only, drop_mlp=mlp_only,
             scores={"step_ppl": list(ppls)}, info=info,
         )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
-from prune.methods.blockpruner import mask_sets
+from prune.methods.blockpruner import plan_sets
 from prune.models.adapter import ModelAdapter
 from prune.types import PrunePlan
 
@@ -54,10 +54,9 @@ class Plan:
             length = len(order) if order else 0
             raise PruneError(f"method.steps={self.steps} needs a plan with a removal order of at least that "
                              f"many blocks; {self.path} has {length}")
-        attn, mlp = mask_sets([(kind, layer) for kind, layer in order[: self.steps]])
-        whole = sorted(attn & mlp)
+        whole, attn_only, mlp_only = plan_sets([(kind, layer) for kind, layer in order[: self.steps]])
         fracs = plan.info.get("step_removed_frac") or []
         info = {"removal_order": order[: self.steps], "step_removed_frac": fracs[: self.steps],
                 "achieved_ratio": fracs[self.steps - 1] if self.steps and fracs else None}
         return PrunePlan(method=plan.method, ratio=plan.ratio, ratio_unit=plan.ratio_unit, drop_layers=whole,
-                         drop_attn=sorted(attn - set(whole)), drop_mlp=sorted(mlp - set(whole)), info=info)
+                         drop_attn=attn_only, drop_mlp=mlp_only, info=info)
