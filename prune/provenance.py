@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -52,3 +54,16 @@ def manifest() -> dict[str, Any]:
         "device": device,
         "cpu_threads": torch.get_num_threads(),
     }
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of the weights: the config; name, shape, dtype, 64 strided values of each tensor."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version", "architectures")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

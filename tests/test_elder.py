@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
-from prune.methods.elder import Elder, _is_checkpointing
+from prune.methods.elder import Elder
+from prune.methods.training import is_checkpointing
 from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.hooks import layer_io
@@ -163,7 +164,7 @@ def test_ablations_and_options() -> None:
     b = b.prune(adapter_for(ckpt_model), calib, 0.5)
     assert a.drop_layers == b.drop_layers
     assert a.info["rounds"][-1]["scales"] == pytest.approx(b.info["rounds"][-1]["scales"], abs=1e-5)
-    assert not _is_checkpointing(ckpt_model) and _hooks(ckpt_model) == 0
+    assert not is_checkpointing(ckpt_model) and _hooks(ckpt_model) == 0
     # neighbours: only P and the layers next to it train; l1 regulariser
     near = copy.deepcopy(model)
     plan = Elder(stage2_trainable="neighbours", reg_norm="l1", stage2_lr=1e-3, **base).prune(

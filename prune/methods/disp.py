@@ -62,11 +62,11 @@ from tqdm import tqdm
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.methods.blockpruner import model_fingerprint
-from prune.methods.elder import _Dist, _nll_sum, _training_mode, _Windows
+from prune.methods.training import Dist, Windows, nll_sum, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
 from prune.paths import cache_dir
+from prune.provenance import model_fingerprint
 from prune.types import PrunePlan
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class Disp:
         self._check_reachable(cost, ratio)
         if ratio == 0:
             return PrunePlan(method="disp", ratio=ratio, ratio_unit=self.ratio_unit, info={"achieved": {}})
-        dist = _Dist.create(adapter.model)
+        dist = Dist.create(adapter.model)
         device = dist.device(adapter.model)
         with torch.random.fork_rng(devices=[]):  # the same initial hypernetwork on every process
             torch.manual_seed(self.seed)
@@ -207,7 +207,7 @@ class Disp:
                               self.shared_norm).to(device)
         ckpt = self._checkpoint(adapter, calib, ratio)
         t0 = time.perf_counter()
-        with _training_mode(adapter.model, gradient_checkpointing=False):
+        with training_mode(adapter.model, gradient_checkpointing=False):
             adapter.model.eval()  # frozen LLM, no dropout (the code never calls model.train())
             train = self._train(adapter, hn, self._windows(calib, dist.n), dist, cost, ratio, ckpt)
         train |= self._reached_target(train["curves"], ratio)
@@ -271,7 +271,7 @@ class Disp:
         hard = [hard_st(gumbel_sigmoid(x, self.offset, self.temperature, gen)) for x in logits]
         return soft, hard
 
-    def _train(self, adapter: ModelAdapter, hn: HyperNetwork, data: _Windows, dist: _Dist, cost: WidthCost,
+    def _train(self, adapter: ModelAdapter, hn: HyperNetwork, data: Windows, dist: Dist, cost: WidthCost,
                ratio: float, ckpt: tuple[Path | None, dict[str, Any]]) -> dict[str, Any]:
         """AdamW on the hypernetwork; one sequence per process and step, gradients averaged over processes."""
         device = dist.device(adapter.model)
@@ -376,7 +376,7 @@ class Disp:
 
     # ---- data and checkpoints ---------------------------------------------------------------------------
 
-    def _windows(self, calib: CalibrationSet, processes: int) -> _Windows:
+    def _windows(self, calib: CalibrationSet, processes: int) -> Windows:
         ids, mask = calib.input_ids, calib.target_mask
         if self.seqlen and ids.shape[1] > self.seqlen + 1:  # pieces (a seqlen+1 block gives seqlen targets)
             ids = ids.unfold(1, self.seqlen, self.seqlen).reshape(-1, self.seqlen)
@@ -384,7 +384,7 @@ class Disp:
             mask[:, 0] = False  # a piece's first token has no context inside the piece
         if self.nsamples:
             ids, mask = ids[: self.nsamples], mask[: self.nsamples]
-        return _Windows(ids, mask, global_batch=processes)  # one sequence per process and step
+        return Windows(ids, mask, global_batch=processes)  # one sequence per process and step
 
     def _checkpoint(self, adapter: ModelAdapter, calib: CalibrationSet, ratio: float
                     ) -> tuple[Path | None, dict[str, Any]]:
@@ -400,7 +400,7 @@ class Disp:
         return Path(self.checkpoint_dir or cache_dir() / "disp") / f"hn-{digest}.pt", key
 
     def _resume(self, ckpt: tuple[Path | None, dict[str, Any]], hn: HyperNetwork, opt: torch.optim.Optimizer,
-                gen: torch.Generator, dist: _Dist) -> tuple[int, dict[str, list]]:
+                gen: torch.Generator, dist: Dist) -> tuple[int, dict[str, list]]:
         """Load a matching checkpoint at or before ``steps``: (steps already done, curves so far)."""
         path, key = ckpt
         if path is None or not path.is_file():
@@ -421,7 +421,7 @@ def _ce(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
     keep = mask[:, 1:]
     targets = ids[:, 1:][keep]
-    return _nll_sum(model.get_output_embeddings(), hidden[keep], targets) / max(len(targets), 1)
+    return nll_sum(model.get_output_embeddings(), hidden[keep], targets) / max(len(targets), 1)
 
 
 def _by_layer(gates: list[torch.Tensor], n_layers: int) -> Masks:

@@ -51,12 +51,10 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -64,6 +62,7 @@ from tqdm import tqdm
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
 from prune.methods.layer_common import ROUNDING, layers_to_remove
+from prune.methods.training import Dist, Windows, nll_sum, trainable, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io, layer_scales
 from prune.types import PrunePlan
@@ -150,7 +149,7 @@ class Elder:
             raise PruneError("elder needs calibration data; do not set calib=null")
         num_layers = adapter.num_layers()
         n, candidates = self._selectable(ratio, num_layers)
-        dist = _Dist.create(adapter.model)
+        dist = Dist.create(adapter.model)
         if dist.n > self.grad_accum:
             raise PruneError(f"{dist.n} processes but method.grad_accum={self.grad_accum} micro-batches per step; "
                              f"set method.grad_accum to a multiple of {dist.n}")
@@ -166,7 +165,7 @@ class Elder:
         if n == 0:
             return PrunePlan(method="elder", ratio=ratio, ratio_unit=self.ratio_unit, info=info)
         scores: dict[str, list[float]] = {}
-        with _training_mode(adapter.model, self.gradient_checkpointing):
+        with training_mode(adapter.model, self.gradient_checkpointing):
             if self.layers is None:
                 t0 = time.perf_counter()
                 order, rounds, curves1 = self._stage1(adapter, data, dist, n, candidates)
@@ -197,7 +196,7 @@ class Elder:
 
     # ---- stage 1 ---------------------------------------------------------------------------------------
 
-    def _stage1(self, adapter: ModelAdapter, data: _Windows, dist: _Dist, n: int, candidates: list[int]
+    def _stage1(self, adapter: ModelAdapter, data: Windows, dist: Dist, n: int, candidates: list[int]
                 ) -> tuple[list[int], list[dict[str, Any]], dict[str, list]]:
         """Learn the layer scalars round by round; mask the smallest |S| after each round (Eq. stage 1)."""
         model = adapter.model
@@ -240,7 +239,7 @@ class Elder:
 
     # ---- stage 2 ---------------------------------------------------------------------------------------
 
-    def _stage2(self, adapter: ModelAdapter, data: _Windows, dist: _Dist, selected: list[int]
+    def _stage2(self, adapter: ModelAdapter, data: Windows, dist: Dist, selected: list[int]
                 ) -> dict[str, list]:
         """Train the weights on CE + λ2·Σ_{i∈P} ‖X_out^i − X_in^i‖, the layers of P active (Eq. stage 2)."""
         model = adapter.model
@@ -285,9 +284,9 @@ class Elder:
 
     # ---- shared training loop ---------------------------------------------------------------------------
 
-    def _train(self, model: nn.Module, data: _Windows, stream: Iterator[torch.Tensor],
+    def _train(self, model: nn.Module, data: Windows, stream: Iterator[torch.Tensor],
                groups: list[dict[str, Any]], steps: int, data_loss: DataLoss,
-               penalty: Callable[[], torch.Tensor] | None, dist: _Dist, desc: str, curves: dict[str, list],
+               penalty: Callable[[], torch.Tensor] | None, dist: Dist, desc: str, curves: dict[str, list],
                snapshot: Callable[[], dict[str, Any]]) -> None:
         """AdamW, linear warm-up/decay schedule; one step = ``grad_accum`` micro-batches over all processes.
 
@@ -300,7 +299,7 @@ class Elder:
         device = dist.device(model)
         autocast = self.bf16 and device.type == "cuda"
         params = [p for g in groups for p in g["params"]]
-        with _trainable(model, params, upcast=autocast):
+        with trainable(model, params, upcast=autocast):
             opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
             sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * steps), steps)
             bar = tqdm(range(steps), desc=desc, leave=False, disable=not (self.progress and dist.main))
@@ -339,16 +338,16 @@ class Elder:
         h, targets = hidden[keep], ids[:, 1:][keep]  # [K, d], [K]
         head = model.get_output_embeddings()
         if len(targets) <= self.ce_chunk:  # one slice: recomputing it would save no memory
-            return _nll_sum(head, h, targets) / max(len(targets), 1)
+            return nll_sum(head, h, targets) / max(len(targets), 1)
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, len(targets), self.ce_chunk):
             piece = slice(s, s + self.ce_chunk)
-            total = total + checkpoint(_nll_sum, head, h[piece], targets[piece], use_reentrant=False)
+            total = total + checkpoint(nll_sum, head, h[piece], targets[piece], use_reentrant=False)
         return total / len(targets)
 
     # ---- data -------------------------------------------------------------------------------------------
 
-    def _windows(self, calib: CalibrationSet) -> _Windows:
+    def _windows(self, calib: CalibrationSet) -> Windows:
         ids, mask = calib.input_ids, calib.target_mask
         if self.seqlen and self.seqlen < ids.shape[1]:
             usable = ids.shape[1] // self.seqlen * self.seqlen
@@ -359,143 +358,9 @@ class Elder:
             last = torch.zeros_like(mask)
             last[:, -1] = mask[:, -1]
             mask = last
-        return _Windows(ids, mask, self.batch_size * self.grad_accum)
+        return Windows(ids, mask, self.batch_size * self.grad_accum)
 
     def _steps(self, steps: int | None, epochs: float, n_windows: int) -> int:
         if steps is not None:
             return int(steps)
         return max(1, math.ceil(epochs * n_windows / (self.batch_size * self.grad_accum)))
-
-
-def _nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), targets, reduction="sum")
-
-
-@dataclass
-class _Windows:
-    """Training windows and the order in which steps draw them (identical on every process)."""
-
-    ids: torch.Tensor  # [N, T]
-    mask: torch.Tensor  # [N, T], target positions
-    global_batch: int
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def stream(self, seed: int) -> Iterator[torch.Tensor]:
-        """Yield ``global_batch`` window indices per step: seeded permutations, epoch after epoch."""
-        gen = torch.Generator().manual_seed(seed)
-        pool = torch.empty(0, dtype=torch.long)
-        while True:
-            while len(pool) < self.global_batch:
-                pool = torch.cat([pool, torch.randperm(len(self), generator=gen)])
-            yield pool[: self.global_batch]
-            pool = pool[self.global_batch :]
-
-
-class _Dist:
-    """Process group view through `accelerate.Accelerator` (one process when not launched by accelerate)."""
-
-    def __init__(self, accelerator: Any | None) -> None:
-        self.acc = accelerator
-        self.n = accelerator.num_processes if accelerator is not None else 1
-        self.rank = accelerator.process_index if accelerator is not None else 0
-        self.main = self.rank == 0
-
-    @classmethod
-    def create(cls, model: nn.Module) -> _Dist:
-        try:
-            from accelerate import Accelerator
-        except ImportError:  # single process without accelerate
-            return cls(None)
-        acc = Accelerator()
-        dist = cls(acc)
-        if dist.n > 1 and getattr(model, "hf_device_map", None) is None and acc.device.type != "cpu":
-            model.to(acc.device)  # one device per process (the runner loaded every copy on the default one)
-        return dist
-
-    def device(self, model: nn.Module) -> torch.device:
-        return next(model.parameters()).device
-
-    def sum_grads(self, params: list[nn.Parameter]) -> None:
-        """Sum the gradients of `params` over all processes, in one flat all-reduce."""
-        if self.n == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
-
-    def sum_value(self, value: torch.Tensor) -> float:
-        if self.n > 1:
-            value = value.clone()
-            torch.distributed.all_reduce(value)
-        return float(value)
-
-
-def _is_checkpointing(model: nn.Module) -> bool:
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 name first
-        if hasattr(type(model), attr):
-            return bool(getattr(model, attr))
-    return False
-
-
-def _checkpointing_call(model: nn.Module, action: str) -> Callable[..., None]:
-    """``model.<activation|gradient>_checkpointing_<action>``: recent transformers 5 releases renamed the
-    gradient_* methods (kept as deprecated aliases); earlier ones (5.17 on GPU images) lack the new names."""
-    for prefix in ("activation", "gradient"):
-        if hasattr(model, f"{prefix}_checkpointing_{action}"):
-            return getattr(model, f"{prefix}_checkpointing_{action}")
-    raise AttributeError(f"{type(model).__name__} has no checkpointing_{action} method")
-
-
-@contextmanager
-def _training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
-    """Train mode, all weights frozen (loops unfreeze what they train), optional checkpointing; all undone."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    had_attr = hasattr(model, "_require_grads_hooks")
-    checkpointing = gradient_checkpointing and not _is_checkpointing(model)
-    for p, _ in flags:
-        p.requires_grad_(False)
-    if checkpointing:
-        _checkpointing_call(model, "enable")({"use_reentrant": False})
-        model.disable_input_require_grads()  # type: ignore[operator]  # only reentrant checkpointing needs it
-    model.train()
-    try:
-        yield
-    finally:
-        if checkpointing:
-            _checkpointing_call(model, "disable")()
-            for attr in ("_require_grads_hooks", "_require_grads_hook"):
-                if not had_attr and hasattr(model, attr):
-                    delattr(model, attr)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
-
-
-@contextmanager
-def _trainable(model: nn.Module, params: list[nn.Parameter], upcast: bool) -> Iterator[None]:
-    """Unfreeze `params` (model weights in float32 under autocast) for one loop; refreeze, cast back after."""
-    casts = []
-    in_model = {id(q) for q in model.parameters()}
-    for p in params:
-        p.requires_grad_(True)
-        if upcast and p.dtype in (torch.bfloat16, torch.float16):
-            casts.append((p, p.dtype))
-            p.data = p.data.float()
-    try:
-        yield
-    finally:
-        for p in params:
-            p.grad = None
-        for p, dtype in casts:
-            p.data = p.data.to(dtype)
-        for p in params:
-            if id(p) in in_model:
-                p.requires_grad_(False)

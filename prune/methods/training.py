@@ -1,0 +1,148 @@
+"""Training utilities shared by the methods that train (ELDeR's two stages, DISP-LLM's hypernetwork): the
+calibration windows and their per-step order, the process group under ``accelerate launch``, a sliced LM-head
+loss, and context managers that freeze, unfreeze and checkpoint a model for one loop and undo it afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+@dataclass
+class Windows:
+    """Training windows and the order in which steps draw them (identical on every process)."""
+
+    ids: torch.Tensor  # [N, T]
+    mask: torch.Tensor  # [N, T], target positions
+    global_batch: int
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def stream(self, seed: int) -> Iterator[torch.Tensor]:
+        """Yield ``global_batch`` window indices per step: seeded permutations, epoch after epoch."""
+        gen = torch.Generator().manual_seed(seed)
+        pool = torch.empty(0, dtype=torch.long)
+        while True:
+            while len(pool) < self.global_batch:
+                pool = torch.cat([pool, torch.randperm(len(self), generator=gen)])
+            yield pool[: self.global_batch]
+            pool = pool[self.global_batch :]
+
+
+class Dist:
+    """Process group view through `accelerate.Accelerator` (one process when not launched by accelerate)."""
+
+    def __init__(self, accelerator: Any | None) -> None:
+        self.acc = accelerator
+        self.n = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.main = self.rank == 0
+
+    @classmethod
+    def create(cls, model: nn.Module) -> Dist:
+        try:
+            from accelerate import Accelerator
+        except ImportError:  # single process without accelerate
+            return cls(None)
+        acc = Accelerator()
+        dist = cls(acc)
+        if dist.n > 1 and getattr(model, "hf_device_map", None) is None and acc.device.type != "cpu":
+            model.to(acc.device)  # one device per process (the runner loaded every copy on the default one)
+        return dist
+
+    def device(self, model: nn.Module) -> torch.device:
+        return next(model.parameters()).device
+
+    def sum_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients of `params` over all processes, in one flat all-reduce."""
+        if self.n == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+
+    def sum_value(self, value: torch.Tensor) -> float:
+        if self.n > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+        return float(value)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 name first
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+def checkpointing_call(model: nn.Module, action: str) -> Callable[..., None]:
+    """``model.<activation|gradient>_checkpointing_<action>``: recent transformers 5 releases renamed the
+    gradient_* methods (kept as deprecated aliases); earlier ones (5.17 on GPU images) lack the new names."""
+    for prefix in ("activation", "gradient"):
+        if hasattr(model, f"{prefix}_checkpointing_{action}"):
+            return getattr(model, f"{prefix}_checkpointing_{action}")
+    raise AttributeError(f"{type(model).__name__} has no checkpointing_{action} method")
+
+
+@contextmanager
+def training_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """Train mode, all weights frozen (loops unfreeze what they train), optional checkpointing; all undone."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    had_attr = hasattr(model, "_require_grads_hooks")
+    checkpointing = gradient_checkpointing and not is_checkpointing(model)
+    for p, _ in flags:
+        p.requires_grad_(False)
+    if checkpointing:
+        checkpointing_call(model, "enable")({"use_reentrant": False})
+        model.disable_input_require_grads()  # type: ignore[operator]  # only reentrant checkpointing needs it
+    model.train()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            checkpointing_call(model, "disable")()
+            for attr in ("_require_grads_hooks", "_require_grads_hook"):
+                if not had_attr and hasattr(model, attr):
+                    delattr(model, attr)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+
+
+@contextmanager
+def trainable(model: nn.Module, params: list[nn.Parameter], upcast: bool) -> Iterator[None]:
+    """Unfreeze `params` (model weights in float32 under autocast) for one loop; refreeze, cast back after."""
+    casts = []
+    in_model = {id(q) for q in model.parameters()}
+    for p in params:
+        p.requires_grad_(True)
+        if upcast and p.dtype in (torch.bfloat16, torch.float16):
+            casts.append((p, p.dtype))
+            p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p in params:
+            p.grad = None
+        for p, dtype in casts:
+            p.data = p.data.to(dtype)
+        for p in params:
+            if id(p) in in_model:
+                p.requires_grad_(False)
