@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -174,6 +175,29 @@ def test_ablations_and_options() -> None:
     layer_of = {i for k in changed for i in range(4) if f"layers.{i}." in k}
     assert changed and layer_of <= {p - 1, p, p + 1}
     assert not any("embed" in k or "lm_head" in k for k in changed)
+
+
+def test_curves_are_logged_live_to_the_wandb_run(monkeypatch) -> None:
+    """Each optimiser step goes to the open W&B run (``wandb.run.log``) as it happens, with the values that
+    ``plan.info`` keeps; lists (the scales, the per-layer I/O norms) become one key per index."""
+    import types
+
+    from tests.conftest import load_tiny
+
+    logged: list[dict[str, float]] = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=types.SimpleNamespace(log=logged.append)))
+    tiny = load_tiny("llama")
+    calib = _greedy_calibration(tiny.model, n=2, length=16)
+    plan = Elder(stage1_steps_per_round=2, stage2_steps=1, **FAST).prune(
+        adapter_for(copy.deepcopy(tiny.model)), calib, 0.25)
+    stage1, stage2 = plan.info["stage1_curves"], plan.info["stage2_curves"]
+    assert len(logged) == 2 + 1
+    assert [p["elder/stage1/ce"] for p in logged[:2]] == stage1["ce"]
+    assert [p["elder/stage1/l1"] for p in logged[:2]] == stage1["l1"]
+    assert [logged[1][f"elder/stage1/scales/{i}"] for i in range(4)] == stage1["scales"][1]
+    assert logged[0]["elder/stage1/round"] == 0
+    assert logged[2]["elder/stage2/reg"] == stage2["reg"][0]
+    assert logged[2]["elder/stage2/io_norm_per_layer/0"] == stage2["io_norm_per_layer"][0][0]
 
 
 def test_config_and_errors() -> None:

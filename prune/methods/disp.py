@@ -47,9 +47,7 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -62,7 +60,7 @@ from tqdm import tqdm
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.methods.training import Dist, Windows, nll_sum, training_mode
+from prune.methods.training import Dist, Windows, live_log, nll_sum, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
 from prune.paths import cache_dir
@@ -286,7 +284,7 @@ class Disp:
             next(stream)
         masks: Masks = {i: {s: torch.ones(w, device=device) for s, w in zip(SITES, ws)}
                         for i, ws in enumerate(cost.widths)}
-        live = _live_log() if dist.main else None
+        live = live_log() if dist.main else None
         bar = tqdm(range(start, self.steps), desc="disp hypernetwork", leave=False,
                    disable=not (self.progress and dist.main))
         with gated(adapter, masks, square_mid=self.binarizer == "gumbel"):
@@ -448,12 +446,6 @@ def achieved_ratios(cost: WidthCost, sizes: list[list[Any]]) -> dict[str, float]
     """Removed fraction of all parameters and of the decoder linear weights."""
     return {"all": 1 - float(cost.count(sizes, False)) / cost.total,
             "linear": 1 - float(cost.count(sizes, True)) / cost.linear_total}
-
-
-def _live_log() -> Callable[[dict[str, float]], None] | None:
-    """``wandb.run.log`` when the runner opened a W&B run (never imports wandb itself)."""
-    run = getattr(sys.modules.get("wandb"), "run", None)
-    return run.log if run is not None else None
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:

@@ -62,7 +62,7 @@ from tqdm import tqdm
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
 from prune.methods.layer_common import ROUNDING, layers_to_remove
-from prune.methods.training import Dist, Windows, nll_sum, trainable, training_mode
+from prune.methods.training import Dist, Windows, flat_point, live_log, nll_sum, trainable, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io, layer_scales
 from prune.types import PrunePlan
@@ -223,11 +223,9 @@ class Elder:
                 groups = [{"params": [scales], "lr": self.stage1_lr}]
                 if weights:
                     groups.append({"params": weights, "lr": self.stage1_weight_lr})
-                before = len(curves["ce"])
-                self._train(model, data, stream, groups, steps, data_loss, penalty, dist,
+                self._train(model, data, stream, groups, steps, data_loss, penalty, dist, "stage1",
                             f"elder stage 1 round {r + 1}", curves,
-                            lambda: {"scales": scales.detach().cpu().tolist()})
-                curves["round"] += [r] * (len(curves["ce"]) - before)
+                            lambda: {"round": r, "scales": scales.detach().cpu().tolist()})
                 selectable = [i for i in candidates if i not in masked]
                 ranked = sorted(selectable, key=lambda i: (abs(scales[i].item()), i))
                 picked = ranked[:1] if self.iterative else ranked[:n]
@@ -273,7 +271,7 @@ class Elder:
         steps = self._steps(self.stage2_steps, self.stage2_epochs, len(data))
         with layer_io(adapter, capture):
             self._train(model, data, data.stream(self.seed + 1), [{"params": params, "lr": self.stage2_lr}],
-                        steps, data_loss, None, dist, "elder stage 2", curves, per_layer)
+                        steps, data_loss, None, dist, "stage2", "elder stage 2", curves, per_layer)
         return curves
 
     def _io_norm(self, x_out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
@@ -286,9 +284,13 @@ class Elder:
 
     def _train(self, model: nn.Module, data: Windows, stream: Iterator[torch.Tensor],
                groups: list[dict[str, Any]], steps: int, data_loss: DataLoss,
-               penalty: Callable[[], torch.Tensor] | None, dist: Dist, desc: str, curves: dict[str, list],
-               snapshot: Callable[[], dict[str, Any]]) -> None:
+               penalty: Callable[[], torch.Tensor] | None, dist: Dist, stage: str, desc: str,
+               curves: dict[str, list], snapshot: Callable[[], dict[str, Any]]) -> None:
         """AdamW, linear warm-up/decay schedule; one step = ``grad_accum`` micro-batches over all processes.
+
+        Every step appends one point (the loss terms, lr and ``snapshot()``) to `curves` and, when the runner
+        opened a W&B run, logs it live under ``elder/<stage>/`` (``stage1``: the round, CE, L1 and every scale;
+        ``stage2``: CE, the regulariser and ‖X_out − X_in‖ of each layer of P, in ascending order).
 
         Each process runs the micro-batches ``rank, rank + n, ...`` of the step; gradients are summed across
         processes (each micro-batch loss is already divided by ``grad_accum``), then the penalty, which is the
@@ -303,6 +305,7 @@ class Elder:
             opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
             sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * steps), steps)
             bar = tqdm(range(steps), desc=desc, leave=False, disable=not (self.progress and dist.main))
+            live = live_log() if dist.main else None
             for _ in bar:
                 opt.zero_grad(set_to_none=True)
                 batch = next(stream)  # [batch_size * grad_accum] window indices, identical on every process
@@ -326,8 +329,11 @@ class Elder:
                 opt.step()
                 sched.step()
                 logged["loss"] = sum(logged.values())
-                for key, value in (snapshot() | logged | {"lr": lr}).items():
+                point = snapshot() | logged | {"lr": lr}
+                for key, value in point.items():
                     curves[key].append(value)
+                if live:
+                    live(flat_point(f"elder/{stage}", point))
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
 
     def _ce(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

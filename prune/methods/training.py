@@ -1,9 +1,10 @@
 """Training utilities shared by the methods that train (ELDeR's two stages, DISP-LLM's hypernetwork): the
 calibration windows and their per-step order, the process group under ``accelerate launch``, a sliced LM-head
-loss, and context managers that freeze, unfreeze and checkpoint a model for one loop and undo it afterwards."""
+loss, live W&B curves, and context managers that freeze, unfreeze and checkpoint a model for one loop and undo it afterwards."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,25 @@ from torch import nn
 
 
 def nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of hidden states `h` [K, d] against `targets` [K] (the head's logits in float32)."""
     return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def live_log() -> Callable[[dict[str, float]], None] | None:
+    """``wandb.run.log`` when the runner opened a W&B run (never imports wandb itself), else None."""
+    run = getattr(sys.modules.get("wandb"), "run", None)
+    return run.log if run is not None else None
+
+
+def flat_point(prefix: str, point: dict[str, Any]) -> dict[str, float]:
+    """One curve point as W&B keys: a list becomes one key per index (``elder/stage1/scales/3``)."""
+    flat: dict[str, float] = {}
+    for key, value in point.items():
+        if isinstance(value, (list, tuple)):
+            flat |= {f"{prefix}/{key}/{i}": float(v) for i, v in enumerate(value)}
+        else:
+            flat[f"{prefix}/{key}"] = float(value)
+    return flat
 
 
 @dataclass
@@ -62,6 +81,7 @@ class Dist:
         return dist
 
     def device(self, model: nn.Module) -> torch.device:
+        """This process's device: where the model's first parameter lives."""
         return next(model.parameters()).device
 
     def sum_grads(self, params: list[nn.Parameter]) -> None:
@@ -77,6 +97,7 @@ class Dist:
             offset += g.numel()
 
     def sum_value(self, value: torch.Tensor) -> float:
+        """A scalar summed over all processes (for the loss curves)."""
         if self.n > 1:
             value = value.clone()
             torch.distributed.all_reduce(value)
@@ -84,6 +105,7 @@ class Dist:
 
 
 def is_checkpointing(model: nn.Module) -> bool:
+    """Whether the model's activation (gradient) checkpointing is on, under either transformers name."""
     for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 name first
         if hasattr(type(model), attr):
             return bool(getattr(model, attr))
