@@ -12,7 +12,7 @@ import prune.methods
 from prune.methods import PruningMethod
 from tests.conftest import CONF, compose_config
 
-HELPERS = {"layer_common", "block_search", "training"}  # modules in prune/methods that are shared code, not methods
+HELPERS = {"layer_common", "block_search", "training"}  # modules of prune/methods that are not methods
 METHOD_YAMLS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 MODEL_YAMLS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("_"))
 

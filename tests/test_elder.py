@@ -185,7 +185,8 @@ def test_curves_are_logged_live_to_the_wandb_run(monkeypatch) -> None:
     from tests.conftest import load_tiny
 
     logged: list[dict[str, float]] = []
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=types.SimpleNamespace(log=logged.append)))
+    run = types.SimpleNamespace(log=logged.append)  # what the runner's W&B logger leaves in wandb.run
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=run))
     tiny = load_tiny("llama")
     calib = _greedy_calibration(tiny.model, n=2, length=16)
     plan = Elder(stage1_steps_per_round=2, stage2_steps=1, **FAST).prune(

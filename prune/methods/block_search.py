@@ -74,7 +74,7 @@ class _Replay(nn.Module):
 
 
 class _LayerDone(Exception):
-    """Raised by a forward hook to end the model's forward pass after one layer (`BlockSearch.layer_output`)."""
+    """Raised by a forward hook to end the model's forward pass after one layer (`layer_output`)."""
 
     def __init__(self, hidden: torch.Tensor) -> None:
         super().__init__()

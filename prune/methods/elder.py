@@ -289,8 +289,8 @@ class Elder:
         """AdamW, linear warm-up/decay schedule; one step = ``grad_accum`` micro-batches over all processes.
 
         Every step appends one point (the loss terms, lr and ``snapshot()``) to `curves` and, when the runner
-        opened a W&B run, logs it live under ``elder/<stage>/`` (``stage1``: the round, CE, L1 and every scale;
-        ``stage2``: CE, the regulariser and ‖X_out − X_in‖ of each layer of P, in ascending order).
+        opened a W&B run, logs it live under ``elder/<stage>/`` (``stage1``: the round, CE, L1 and every
+        scale; ``stage2``: CE, the regulariser and ‖X_out − X_in‖ of each layer of P, in ascending order).
 
         Each process runs the micro-batches ``rank, rank + n, ...`` of the step; gradients are summed across
         processes (each micro-batch loss is already divided by ``grad_accum``), then the penalty, which is the

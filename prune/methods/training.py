@@ -1,6 +1,9 @@
-"""Training utilities shared by the methods that train (ELDeR's two stages, DISP-LLM's hypernetwork): the
-calibration windows and their per-step order, the process group under ``accelerate launch``, a sliced LM-head
-loss, live W&B curves, and context managers that freeze, unfreeze and checkpoint a model for one loop and undo it afterwards."""
+"""Training utilities shared by the methods that train (ELDeR's two stages, DISP-LLM's hypernetwork).
+
+The calibration windows and their per-step order, the process group under ``accelerate launch``, a sliced
+LM-head loss, live W&B curves, and context managers that freeze, unfreeze and checkpoint a model for one loop
+and undo all of it afterwards.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from torch import nn
 
 
 def nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of hidden states `h` [K, d] against `targets` [K] (the head's logits in float32)."""
+    """Summed next-token NLL of hidden states `h` [K, d] against `targets` [K], logits in float32."""
     return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
 
