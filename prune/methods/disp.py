@@ -60,7 +60,7 @@ from tqdm import tqdm
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.methods.training import Dist, Windows, live_log, nll_sum, training_mode
+from prune.methods.training import Dist, Windows, live_log, masked_ce, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
 from prune.paths import cache_dir
@@ -323,7 +323,7 @@ class Disp:
         masks.update(_by_layer(gates, len(cost.widths)))  # the hooks read these on the next forward pass
         autocast = self.bf16 and ids.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
-            ce = _ce(model, ids, keep)
+            ce = masked_ce(model, ids, keep)
         t = cost.count(_sizes(counted, len(cost.widths)), self.ratio_params == "linear")
         reg = self.lam * torch.log(t / target).abs()
         (ce.float() + reg).backward()
@@ -412,14 +412,6 @@ class Disp:
             gen.set_state(state["gen"].cpu())
         log.info("disp: resuming the hypernetwork at step %d from %s", state["step"], path)
         return int(state["step"]), state["curves"]
-
-
-def _ce(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over the target positions (the LM head only runs on those)."""
-    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-    keep = mask[:, 1:]
-    targets = ids[:, 1:][keep]
-    return nll_sum(model.get_output_embeddings(), hidden[keep], targets) / max(len(targets), 1)
 
 
 def _by_layer(gates: list[torch.Tensor], n_layers: int) -> Masks:

@@ -56,13 +56,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
 from prune.methods.layer_common import ROUNDING, layers_to_remove
-from prune.methods.training import Dist, Windows, flat_point, live_log, nll_sum, trainable, training_mode
+from prune.methods.training import Dist, Windows, flat_point, live_log, masked_ce, trainable, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io, layer_scales
 from prune.types import PrunePlan
@@ -210,7 +209,7 @@ class Elder:
         stream = data.stream(self.seed)  # one stream over all rounds: later rounds see new windows
 
         def data_loss(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"ce": self._ce(model, ids, mask)}
+            return {"ce": masked_ce(model, ids, mask, self.ce_chunk)}
 
         with layer_scales(adapter, scales, masked, self.scale_site):
             for r in range(n if self.iterative else 1):
@@ -257,7 +256,7 @@ class Elder:
 
         def data_loss(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
             terms.clear()
-            ce = self._ce(model, ids, mask)
+            ce = masked_ce(model, ids, mask, self.ce_chunk)
             return {"ce": ce, "reg": self.lambda2 * torch.stack(list(terms.values())).sum()}
 
         def per_layer() -> dict[str, Any]:
@@ -335,21 +334,6 @@ class Elder:
                 if live:
                     live(flat_point(f"elder/{stage}", point))
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
-
-    def _ce(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean next-token CE over the target positions of `mask`; the LM head runs on slices of the targets
-        and each slice is recomputed in the backward pass, so no [B, T, vocab] logits tensor is stored."""
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
-        keep = mask[:, 1:]
-        h, targets = hidden[keep], ids[:, 1:][keep]  # [K, d], [K]
-        head = model.get_output_embeddings()
-        if len(targets) <= self.ce_chunk:  # one slice: recomputing it would save no memory
-            return nll_sum(head, h, targets) / max(len(targets), 1)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, len(targets), self.ce_chunk):
-            piece = slice(s, s + self.ce_chunk)
-            total = total + checkpoint(nll_sum, head, h[piece], targets[piece], use_reentrant=False)
-        return total / len(targets)
 
     # ---- data -------------------------------------------------------------------------------------------
 

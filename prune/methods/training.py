@@ -16,11 +16,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of hidden states `h` [K, d] against `targets` [K], logits in float32."""
     return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def masked_ce(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+              chunk: int | None = None) -> torch.Tensor:
+    """Mean next-token CE over the target positions of `mask`; the LM head runs on those positions only.
+
+    With `chunk`, it runs on slices of that many targets, each recomputed in the backward pass, so no
+    [targets, vocab] logits tensor is kept for the backward pass.
+    """
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
+    keep = mask[:, 1:]
+    h, targets = hidden[keep], ids[:, 1:][keep]  # [K, d], [K]
+    head = model.get_output_embeddings()
+    if chunk is None or len(targets) <= chunk:  # one slice: recomputing it would save no memory
+        return nll_sum(head, h, targets) / max(len(targets), 1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, len(targets), chunk):
+        piece = slice(s, s + chunk)
+        total = total + checkpoint(nll_sum, head, h[piece], targets[piece], use_reentrant=False)
+    return total / len(targets)
 
 
 def live_log() -> Callable[[dict[str, float]], None] | None:
