@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
-from prune.methods.elder import Elder
+from prune.methods.elder import Elder, LayerScales
 from prune.methods.training import is_checkpointing
 from prune.models import surgery
 from prune.models.adapter import adapter_for
@@ -175,6 +175,34 @@ def test_ablations_and_options() -> None:
     layer_of = {i for k in changed for i in range(4) if f"layers.{i}." in k}
     assert changed and layer_of <= {p - 1, p, p + 1}
     assert not any("embed" in k or "lm_head" in k for k in changed)
+
+
+def _adam_on_scales(form: str, ce_grad: list[float], steps: int = 20, lr: float = 0.2) -> list[float]:
+    """Stage 1's update on S alone: Adam on a linear stand-in for CE (fixed gradient per layer) + λ1·L1."""
+    scales = LayerScales(len(ce_grad), torch.device("cpu"), form)
+    opt = torch.optim.AdamW(scales.params(), lr=lr, weight_decay=0.0)
+    everyone = torch.arange(len(ce_grad))
+    for _ in range(steps):
+        opt.zero_grad()
+        ce = sum(g * scales[i] for i, g in enumerate(ce_grad))
+        (ce + 5e-3 * scales.l1(everyone)).backward()
+        opt.step()
+        scales.project()
+    assert scales.l1(everyone).item() == pytest.approx(sum(abs(v) for v in scales.values()), abs=1e-6)
+    return scales.values()
+
+
+def test_l1_forms() -> None:
+    # Layer 0 sees no CE gradient (like the last layer behind the scale-invariant final norm): the split form
+    # (paper's constrained form) stops it at exactly 0; the code's |S| subgradient carries it across 0.
+    # Layer 1's CE gradient (0.1) exceeds λ1: split moves u down and v up, S falls faster than under |S|.
+    # Layer 2's CE wants S larger: both forms raise it alike.
+    split, plain = _adam_on_scales("split", [0.0, 0.1, -0.1]), _adam_on_scales("abs", [0.0, 0.1, -0.1])
+    assert split[0] == 0.0 and plain[0] != 0.0
+    assert split[1] < plain[1] < 0
+    assert split[2] == pytest.approx(plain[2], rel=1e-5) and split[2] > 4.0
+    with pytest.raises(PruneError, match="l1_form"):
+        Elder(l1_form="l0")
 
 
 def test_curves_are_logged_live_to_the_wandb_run(monkeypatch) -> None:

@@ -31,6 +31,11 @@ NOTE(faithfulness), paper (as summarised in specs/methods.md §3) vs code vs her
   by the signs of the first Adam steps. ``stage1_lr`` (own default 5e-2) lets S reach an equilibrium.
 - Selection: smallest |S| here; the code sorts the signed S. The code never selects the first 3 or last 4
   layers (``alive_list[3:-4]``); here ``protect_first`` / ``protect_last`` (default 0, code 3 / 4).
+- L1 form: the paper handles the L1 term "via an equivalent constrained form with auxiliary variables"
+  (specs/methods.md §3.2; the form itself is not given). Here ``l1_form=split`` (default): S = u − v with
+  u, v ≥ 0, penalty Σ(u + v), u and v clamped at 0 after every step. The code differentiates ‖S‖₁ directly;
+  that is ``l1_form=abs``. With Adam the two differ: a split scale stops at exactly 0 instead of crossing it,
+  and when the CE gradient on S exceeds λ1, v grows too and S falls about twice as fast.
 - L1 weight: paper λ1 = 5e-3; the code hard-codes 100·‖S‖₁. Stage-2 weight: paper λ2 = 1e-3; the code
   multiplies by 1e-4 and (as released) never activates the term; here it is active for all of P at once.
 - ‖X_out − X_in‖: the code takes the Frobenius norm of the whole batch tensor with per-device batch 1; here
@@ -72,6 +77,43 @@ log = logging.getLogger(__name__)
 DataLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
+class LayerScales:
+    """The stage-1 layer weights S (init 1) and their L1 term, in one of two forms.
+
+    ``split`` (paper: the L1 term "via an equivalent constrained form with auxiliary variables"): S = u − v
+    with u, v ≥ 0 (u = 1, v = 0 at the start) and the penalty Σ(u + v), which equals Σ|S| at the optimum.
+    After every optimiser step u and v are projected back onto ≥ 0, so a scale can settle at exactly 0 and
+    changes sign only through v. ``abs`` (the code: ``torch.norm(scale, 1)``): S itself and Σ|S|, whose
+    autograd subgradient lets S pass through 0.
+
+    Indexing gives S[i] as a tensor that carries gradients, which is what the `layer_scales` hooks read.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device, form: str) -> None:
+        self.pos = nn.Parameter(torch.ones(num_layers, device=device, dtype=torch.float32))
+        self.neg = nn.Parameter(torch.zeros_like(self.pos)) if form == "split" else None
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.pos[i] if self.neg is None else self.pos[i] - self.neg[i]
+
+    def params(self) -> list[nn.Parameter]:
+        return [self.pos] if self.neg is None else [self.pos, self.neg]
+
+    def values(self) -> list[float]:
+        s = self.pos if self.neg is None else self.pos - self.neg
+        return s.detach().cpu().tolist()
+
+    def l1(self, idx: torch.Tensor) -> torch.Tensor:
+        """Σ|S| over the layers `idx` (split form: Σ(u + v), the same value whenever u·v = 0)."""
+        return self.pos[idx].abs().sum() if self.neg is None else (self.pos[idx] + self.neg[idx]).sum()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        if self.neg is not None:
+            self.pos.clamp_(min=0)
+            self.neg.clamp_(min=0)
+
+
 class Elder:
     """ELDeR/TRSP layer pruning: iterative L1-regularised layer weights, then I/O-difference regularisation.
 
@@ -86,6 +128,8 @@ class Elder:
             the layers adjacent to them train; embeddings and head frozen).
         scale_site: ``output`` (paper: S multiplies the whole output, residual included) | ``delta``
             (deviation: S multiplies only what the layer adds, x + S·(Layer(x) − x)).
+        l1_form: ``split`` (paper: S = u − v, u, v ≥ 0 projected after each step, penalty Σ(u + v)) |
+            ``abs`` (code: Σ|S| by autograd's subgradient); see `LayerScales`.
         protect_first / protect_last: never select the first / last this many layers (code: 3 / 4).
         layers: extension, not in the paper: skip stage 1 and regularise and remove these layers (for example
             another method's selection, to tell the selection's share from stage 2's); the ratio is ignored.
@@ -117,12 +161,12 @@ class Elder:
         stage1_epochs_per_round: float = 1.0, stage2_steps: int | None = None, stage2_epochs: float = 1.0,
         batch_size: int = 1, grad_accum: int = 8, seqlen: int | None = None, bf16: bool = True,
         gradient_checkpointing: bool = False, ce_chunk: int = 1024, seed: int = 0, progress: bool = True,
-        layers: list[int] | None = None,
+        layers: list[int] | None = None, l1_form: str = "split",
     ) -> None:
         choices = [("reg_norm", reg_norm, ("l1", "l2")), ("labels", labels, ("all", "last_token")),
                    ("stage1_trainable", stage1_trainable, ("scales", "all")),
                    ("stage2_trainable", stage2_trainable, ("all", "neighbours")),
-                   ("scale_site", scale_site, ("output", "delta"))]
+                   ("scale_site", scale_site, ("output", "delta")), ("l1_form", l1_form, ("split", "abs"))]
         for name, value, allowed in choices:
             if value not in allowed:
                 raise PruneError(f"method.{name}={value} is not one of {', '.join(allowed)}")
@@ -131,7 +175,7 @@ class Elder:
         self.lambda1, self.lambda2, self.reg_norm = lambda1, lambda2, reg_norm
         self.iterative, self.stage2 = iterative, stage2
         self.stage1_trainable, self.stage2_trainable = stage1_trainable, stage2_trainable
-        self.scale_site = scale_site
+        self.scale_site, self.l1_form = scale_site, l1_form
         self.protect_first, self.protect_last, self.labels = protect_first, protect_last, labels
         self.stage1_lr, self.stage1_weight_lr, self.stage2_lr = stage1_lr, stage1_weight_lr, stage2_lr
         self.warmup_ratio, self.weight_decay = warmup_ratio, weight_decay
@@ -156,7 +200,7 @@ class Elder:
         info: dict[str, Any] = {
             "rounding": ROUNDING, "layers_removed": n, "protect_first": self.protect_first,
             "protect_last": self.protect_last, "selectable": candidates, "iterative": self.iterative,
-            "stage2": self.stage2, "stage1_trainable": self.stage1_trainable, "scale_site": self.scale_site,
+            "stage2": self.stage2, "stage1_trainable": self.stage1_trainable, "scale_site": self.scale_site, "l1_form": self.l1_form,
             "stage2_trainable": self.stage2_trainable, "labels": self.labels, "reg_norm": self.reg_norm,
             "train_windows": list(data.ids.shape), "global_batch": self.batch_size * self.grad_accum,
             "processes": dist.n, "fixed_layers": self.layers,
@@ -200,7 +244,7 @@ class Elder:
         """Learn the layer scalars round by round; mask the smallest |S| after each round (Eq. stage 1)."""
         model = adapter.model
         num_layers = adapter.num_layers()
-        scales = nn.Parameter(torch.ones(num_layers, device=dist.device(model), dtype=torch.float32))
+        scales = LayerScales(num_layers, dist.device(model), self.l1_form)
         masked: list[int] = []  # read by the hooks on every call: masking takes effect at once
         rounds: list[dict[str, Any]] = []
         curves: dict[str, list] = {"ce": [], "l1": [], "loss": [], "lr": [], "scales": [], "round": []}
@@ -214,24 +258,25 @@ class Elder:
         with layer_scales(adapter, scales, masked, self.scale_site):
             for r in range(n if self.iterative else 1):
                 alive = [i for i in range(num_layers) if i not in masked]
-                alive_t = torch.tensor(alive, device=scales.device)
+                alive_t = torch.tensor(alive, device=scales.pos.device)
 
                 def penalty() -> torch.Tensor:
-                    return self.lambda1 * scales[alive_t].abs().sum()
+                    return self.lambda1 * scales.l1(alive_t)
 
-                groups = [{"params": [scales], "lr": self.stage1_lr}]
+                groups = [{"params": scales.params(), "lr": self.stage1_lr}]
                 if weights:
                     groups.append({"params": weights, "lr": self.stage1_weight_lr})
                 self._train(model, data, stream, groups, steps, data_loss, penalty, dist, "stage1",
                             f"elder stage 1 round {r + 1}", curves,
-                            lambda: {"round": r, "scales": scales.detach().cpu().tolist()})
+                            lambda: {"round": r, "scales": scales.values()}, after_step=scales.project)
+                values = scales.values()
                 selectable = [i for i in candidates if i not in masked]
-                ranked = sorted(selectable, key=lambda i: (abs(scales[i].item()), i))
+                ranked = sorted(selectable, key=lambda i: (abs(values[i]), i))
                 picked = ranked[:1] if self.iterative else ranked[:n]
                 masked.extend(picked)
-                rounds.append({"round": r, "scales": scales.detach().cpu().tolist(), "selected": picked})
+                rounds.append({"round": r, "scales": values, "selected": picked})
                 log.info("elder stage 1 round %d: masked %s (|S| = %s)", r + 1, picked,
-                         [round(abs(scales[i].item()), 4) for i in picked])
+                         [round(abs(values[i]), 4) for i in picked])
         return list(masked), rounds, curves
 
     # ---- stage 2 ---------------------------------------------------------------------------------------
@@ -284,7 +329,8 @@ class Elder:
     def _train(self, model: nn.Module, data: Windows, stream: Iterator[torch.Tensor],
                groups: list[dict[str, Any]], steps: int, data_loss: DataLoss,
                penalty: Callable[[], torch.Tensor] | None, dist: Dist, stage: str, desc: str,
-               curves: dict[str, list], snapshot: Callable[[], dict[str, Any]]) -> None:
+               curves: dict[str, list], snapshot: Callable[[], dict[str, Any]],
+               after_step: Callable[[], None] | None = None) -> None:
         """AdamW, linear warm-up/decay schedule; one step = ``grad_accum`` micro-batches over all processes.
 
         Every step appends one point (the loss terms, lr and ``snapshot()``) to `curves` and, when the runner
@@ -293,7 +339,8 @@ class Elder:
 
         Each process runs the micro-batches ``rank, rank + n, ...`` of the step; gradients are summed across
         processes (each micro-batch loss is already divided by ``grad_accum``), then the penalty, which is the
-        same on every process, adds its gradient once.
+        same on every process, adds its gradient once. ``after_step`` runs after every optimiser step (the
+        projection of the split L1 form).
         """
         from transformers import get_linear_schedule_with_warmup
 
@@ -326,6 +373,8 @@ class Elder:
                     logged["l1"] = pen.item()
                 lr = sched.get_last_lr()[0]
                 opt.step()
+                if after_step is not None:
+                    after_step()
                 sched.step()
                 logged["loss"] = sum(logged.values())
                 point = snapshot() | logged | {"lr": lr}

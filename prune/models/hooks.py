@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -12,6 +12,12 @@ from torch import nn
 from prune.models.adapter import ModelAdapter
 
 LayerIOCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+class ScaleLookup(Protocol):
+    """Layer i's scalar as ``scales[i]``: a 1-D tensor, or an object indexed the same way."""
+
+    def __getitem__(self, i: int) -> torch.Tensor: ...
 
 
 @contextmanager
@@ -58,7 +64,7 @@ def skip_layers(adapter: ModelAdapter, indices: list[int]) -> Iterator[None]:
 
 
 def _scaled_output(
-    adapter: ModelAdapter, i: int, scales: torch.Tensor, skip: Collection[int], site: str
+    adapter: ModelAdapter, i: int, scales: ScaleLookup, skip: Collection[int], site: str
 ) -> Callable[..., Any]:
     """The forward hook body of `layer_scales` for layer `i` (see there)."""
 
@@ -76,7 +82,7 @@ def _scaled_output(
 
 @contextmanager
 def layer_scales(
-    adapter: ModelAdapter, scales: torch.Tensor, skip: Collection[int] = (), site: str = "output"
+    adapter: ModelAdapter, scales: ScaleLookup, skip: Collection[int] = (), site: str = "output"
 ) -> Iterator[None]:
     """Multiply each decoder layer's output by a scalar, and turn the layers in `skip` into the identity.
 
@@ -87,7 +93,8 @@ def layer_scales(
 
     Args:
         adapter: the model's adapter.
-        scales: Tensor[num_layers] (e.g. an ``nn.Parameter``; gradients flow into it).
+        scales: ``scales[i]`` is layer i's scalar: a Tensor[num_layers] (e.g. an ``nn.Parameter``) or any
+            object indexed the same way (ELDeR's `LayerScales`); gradients flow into it.
         skip: indices of layers whose output is replaced by their input.
         site: ``output`` | ``delta``.
     """
