@@ -50,6 +50,17 @@ def test_bad_ratio_is_one_line_error_and_no_results(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("results.json"))
 
 
+def test_sweep_runs_past_a_bad_cell_then_fails(tmp_path: Path) -> None:
+    out = run_cli("-m", "debug=tiny", "method=shortgpt", "ratio=1.5,0.25", cwd=tmp_path)
+    assert out.returncode == 2
+    errors = [line[line.index("error:"):] for line in out.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 2 and "ratio=1.5 is outside" in errors[0]
+    assert errors[1].startswith("error: 1 sweep cell(s) failed") and errors[1].endswith("ratio=1.5")
+    cells = tmp_path / "outputs" / "adhoc"
+    assert [p.parent.name for p in cells.glob("*/results.json")] == ["debug=tiny,method=shortgpt,ratio=0.25"]
+    assert (cells / "debug=tiny,method=shortgpt,ratio=1.5" / "error.txt").read_text().startswith("error: ratio")
+
+
 def test_unreachable_ratio_and_unknown_names_fail(tmp_path: Path) -> None:
     out = run_cli("debug=tiny", "method=last_layers", "ratio=0.9", cwd=tmp_path)
     assert out.returncode == 2 and "at most 3 can be removed" in out.stderr

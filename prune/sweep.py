@@ -1,0 +1,52 @@
+"""A sweep that meets bad input in one cell runs its other cells and fails at the end.
+
+A single run turns a `PruneError` into one ``error:`` line and exit status 2. In a multirun (``-m``) that exit
+would end the whole grid at the first bad cell (for example DISP's 20% of all parameters on a model where it
+cannot be reached), and the cells after it would never run. Instead the failed cell writes ``error.txt`` in
+its own directory, in place of ``results.json``, and the sweep goes on; when the sweep ends, `FailedCells`
+prints one line naming the failed cells and exits with status 2. The file lives next to the cell's results,
+so this works for every launcher that shares the output file system (basic, joblib, submitit/SLURM).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+ERROR_FILE = "error.txt"
+
+
+def record_failure(run_dir: Path, err: Exception) -> None:
+    """Leave the cell's one-line error where its results.json would be."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).write_text(f"error: {err}\n")
+
+
+def clear_failure(run_dir: Path) -> None:
+    """A cell that runs again starts without the error of an earlier try."""
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+
+
+class FailedCells(Callback):
+    """Hydra callback: after a multirun, one ``error:`` line for the cells that failed, and exit status 2."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = sorted(p.parent.name for p in sweep_dir.glob(f"*/{ERROR_FILE}")
+                        if p.stat().st_mtime >= self.started)  # older files belong to earlier sweeps
+        if failed:
+            print(f"error: {len(failed)} sweep cell(s) failed, see their error lines above or "
+                  f"{sweep_dir}/<cell>/{ERROR_FILE}; fix the input and rerun (finished cells are skipped): "
+                  + "; ".join(failed), file=sys.stderr)
+            sys.exit(2)
