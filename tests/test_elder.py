@@ -226,7 +226,8 @@ def test_curves_are_logged_live_to_the_wandb_run(monkeypatch) -> None:
     assert [logged[1][f"elder/stage1/scales/{i}"] for i in range(4)] == stage1["scales"][1]
     assert logged[0]["elder/stage1/round"] == 0
     assert logged[2]["elder/stage2/reg"] == stage2["reg"][0]
-    assert logged[2]["elder/stage2/io_norm_per_layer/0"] == stage2["io_norm_per_layer"][0][0]
+    first = stage2["layers"][0]  # W&B keys name the layer itself; plan.info keeps the order of "layers"
+    assert logged[2][f"elder/stage2/io_norm_per_layer/{first}"] == stage2["io_norm_per_layer"][0][0]
 
 
 def test_config_and_errors() -> None:

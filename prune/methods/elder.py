@@ -335,7 +335,8 @@ class Elder:
 
         Every step appends one point (the loss terms, lr and ``snapshot()``) to `curves` and, when the runner
         opened a W&B run, logs it live under ``elder/<stage>/`` (``stage1``: the round, CE, L1 and every
-        scale; ``stage2``: CE, the regulariser and ‖X_out − X_in‖ of each layer of P, in ascending order).
+        scale; ``stage2``: CE, the regulariser and ‖X_out − X_in‖ of each layer of P, keyed by layer index;
+        ``plan.info`` keeps them as lists in the order of ``curves["layers"]``).
 
         Each process runs the micro-batches ``rank, rank + n, ...`` of the step; gradients are summed across
         processes (each micro-batch loss is already divided by ``grad_accum``), then the penalty, which is the
@@ -381,7 +382,7 @@ class Elder:
                 for key, value in point.items():
                     curves[key].append(value)
                 if live:
-                    live(flat_point(f"elder/{stage}", point))
+                    live(flat_point(f"elder/{stage}", point, curves.get("layers")))
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
 
     # ---- data -------------------------------------------------------------------------------------------

@@ -50,12 +50,15 @@ def live_log() -> Callable[[dict[str, float]], None] | None:
     return run.log if run is not None else None
 
 
-def flat_point(prefix: str, point: dict[str, Any]) -> dict[str, float]:
-    """One curve point as W&B keys: a list becomes one key per index (``elder/stage1/scales/3``)."""
+def flat_point(prefix: str, point: dict[str, Any], names: list | None = None) -> dict[str, float]:
+    """One curve point as W&B keys: a list becomes one key per entry, named by its index or, when the list's
+    entries belong to `names` (e.g. the layers they describe), by ``names[index]`` (``elder/stage1/scales/3``).
+    """
     flat: dict[str, float] = {}
     for key, value in point.items():
         if isinstance(value, (list, tuple)):
-            flat |= {f"{prefix}/{key}/{i}": float(v) for i, v in enumerate(value)}
+            labels = names if names is not None and len(names) == len(value) else range(len(value))
+            flat |= {f"{prefix}/{key}/{name}": float(v) for name, v in zip(labels, value)}
         else:
             flat[f"{prefix}/{key}"] = float(value)
     return flat
