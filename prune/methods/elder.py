@@ -203,7 +203,8 @@ class Elder:
             "rounding": ROUNDING, "layers_removed": n, "protect_first": self.protect_first,
             "protect_last": self.protect_last, "selectable": candidates, "iterative": self.iterative,
             "stage2": self.stage2, "stage1_trainable": self.stage1_trainable, "scale_site": self.scale_site,
-            "l1_form": self.l1_form, "stage2_trainable": self.stage2_trainable, "labels": self.labels, "reg_norm": self.reg_norm,
+            "l1_form": self.l1_form, "stage2_trainable": self.stage2_trainable, "labels": self.labels,
+            "reg_norm": self.reg_norm,
             "train_windows": list(data.ids.shape), "global_batch": self.batch_size * self.grad_accum,
             "processes": dist.n, "fixed_layers": self.layers,
         }

@@ -51,9 +51,8 @@ def live_log() -> Callable[[dict[str, float]], None] | None:
 
 
 def flat_point(prefix: str, point: dict[str, Any], names: list | None = None) -> dict[str, float]:
-    """One curve point as W&B keys: a list becomes one key per entry, named by its index or, when the list's
-    entries belong to `names` (e.g. the layers they describe), by ``names[index]`` (``elder/stage1/scales/3``).
-    """
+    """One curve point as W&B keys: a list becomes one key per entry (``elder/stage1/scales/3``), named by
+    its index or, when `names` lists what the entries describe (e.g. their layers), by ``names[index]``."""
     flat: dict[str, float] = {}
     for key, value in point.items():
         if isinstance(value, (list, tuple)):
