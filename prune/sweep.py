@@ -4,7 +4,8 @@ A single run turns a `PruneError` into one ``error:`` line and exit status 2. In
 would end the whole grid at the first bad cell (for example DISP's 20% of all parameters on a model where it
 cannot be reached), and the cells after it would never run. Instead the failed cell writes ``error.txt`` in
 its own directory, in place of ``results.json``, and the sweep goes on; when the sweep ends, `FailedCells`
-prints one line naming the failed cells and exits with status 2. The file lives next to the cell's results,
+prints one line naming the failed cells and exits with status 2; `prune.tables` lists them (`failed_cells`)
+under the table, and its per-cell progress line says FAILED. The file lives next to the cell's results,
 so this works for every launcher that shares the output file system (basic, joblib, submitit/SLURM).
 """
 
@@ -32,6 +33,13 @@ def clear_failure(run_dir: Path) -> None:
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
 
 
+def failed_cells(sweep_dir: Path, since: float = 0.0) -> dict[str, str]:
+    """{cell directory name: its error line} for the cells of `sweep_dir` whose ``error.txt`` was written at
+    or after `since` (a time.time() value; 0: all of them)."""
+    errors = sorted(sweep_dir.glob(f"*/{ERROR_FILE}"))
+    return {p.parent.name: p.read_text().strip() for p in errors if p.stat().st_mtime >= since}
+
+
 class FailedCells(Callback):
     """Hydra callback: after a multirun, one ``error:`` line for the cells that failed, and exit status 2."""
 
@@ -43,8 +51,7 @@ class FailedCells(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        failed = sorted(p.parent.name for p in sweep_dir.glob(f"*/{ERROR_FILE}")
-                        if p.stat().st_mtime >= self.started)  # older files belong to earlier sweeps
+        failed = failed_cells(sweep_dir, since=self.started)  # older files belong to earlier sweeps
         if failed:
             print(f"error: {len(failed)} sweep cell(s) failed, see their error lines above or "
                   f"{sweep_dir}/<cell>/{ERROR_FILE}; fix the input and rerun (finished cells are skipped): "

@@ -43,6 +43,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from prune.errors import PruneError
+from prune.sweep import ERROR_FILE, failed_cells
 from prune.paths import PACKAGE_ROOT
 
 REPO = PACKAGE_ROOT.parent
@@ -313,7 +314,8 @@ def _preset_line(record: dict[str, Any] | None) -> str:
 
 
 def _header(spec: TableSpec, table: str, scale: dict[str, Any], model: str, first: dict[str, Any] | None,
-            grid: dict[str, list[Any]], done: int, missing: list[str]) -> list[str]:
+            grid: dict[str, list[Any]], done: int, missing: list[str],
+            failed: dict[str, str] | None = None) -> list[str]:
     """The Markdown lines above the table: scale, model and preset, grid and progress, how to read it."""
     lines = [
         f"# {spec.title}",
@@ -333,6 +335,9 @@ def _header(spec: TableSpec, table: str, scale: dict[str, Any], model: str, firs
         lines.append("Ours is a different model from the papers' here: compare trends, not values.")
     if missing:
         lines.append("Missing cells: " + "; ".join(missing) + ".")
+    if failed:
+        lines.append("Failed cells (their `error.txt` in the sweep directory): "
+                     + "; ".join(f"`{cell}`: {error}" for cell, error in failed.items()))
     return lines
 
 
@@ -358,12 +363,15 @@ def aggregate(table: str, overrides: list[str], results_dir: Path | None = None,
     print(f"{table} [{scale.get('name', 'no scale')}]: {len(done)}/{len(cells)} cells done in {sweep_dir}")
     for name in missing:
         print(f"  missing: {name}")
+    failed = failed_cells(sweep_dir) if sweep_dir.is_dir() else {}
+    for cell, error in failed.items():
+        print(f"  failed: {cell}: {error}")
 
     df = build_table(spec, labels, list(zip(cells, found)), load_expected(table))
     shown, notes = _formatted(df, spec)
     first = done[0] if done else None
     model = first["config"]["model"]["name"] if first else cfg.model.name
-    markdown = "\n".join(_header(spec, table, scale, model, first, grid, len(done), missing))
+    markdown = "\n".join(_header(spec, table, scale, model, first, grid, len(done), missing, failed))
     markdown += "\n\n" + shown.to_markdown(index=False) + "\n"
     markdown += "".join(f"\n[{i}] {note}" for i, note in enumerate(notes, 1)) + ("\n" if notes else "")
 
@@ -380,7 +388,7 @@ def aggregate(table: str, overrides: list[str], results_dir: Path | None = None,
     git = provenance.manifest()
     meta = {
         "experiment": table, "scale": scale, "model": model, "sweep_dir": str(sweep_dir),
-        "cells": len(cells), "cells_done": len(done), "cells_missing": missing,
+        "cells": len(cells), "cells_done": len(done), "cells_missing": missing, "cells_failed": failed,
         "cells_wall_s": round(sum(r.get("wall_s", 0.0) for r in done), 1),
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
@@ -446,8 +454,11 @@ class Progress(Callback):
         from hydra.core.utils import JobStatus
 
         took = time.perf_counter() - self._start
+        error = Path(config.hydra.runtime.output_dir) / ERROR_FILE  # bad input (prune/sweep.py)
         if job_return.status != JobStatus.COMPLETED:
             status = f"FAILED ({job_return._return_value!r})"
+        elif error.exists():
+            status = f"FAILED ({error.read_text().strip()})"
         elif self._finished_before and not config.get("force"):
             status = "skipped (results.json exists)"
         else:

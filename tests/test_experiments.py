@@ -119,6 +119,19 @@ def test_table_places_paper_numbers_and_differences_beside_ours() -> None:
     assert tables.match_cells([{"method": "dense", "ratio": 0.5}], records) == [None]
 
 
+def test_table_lists_the_cells_that_failed(tmp_path: Path, capsys) -> None:
+    """A cell with bad input leaves error.txt (prune/sweep.py); the table names it and its error."""
+    cell = tmp_path / "outputs" / "table2" / "smoke" / "method=disp,ratio=0.2"
+    cell.mkdir(parents=True)
+    (cell / "error.txt").write_text("error: ratio=0.2 of all parameters is unreachable\n")
+    meta = tables.aggregate("table2", ["scale=smoke", f"paths.outputs_root={tmp_path}/outputs"],
+                            results_dir=tmp_path / "table", log=False)
+    assert meta["cells_done"] == 0
+    assert meta["cells_failed"] == {"method=disp,ratio=0.2": "error: ratio=0.2 of all parameters is unreachable"}
+    assert "Failed cells" in (tmp_path / "table" / "table.md").read_text()
+    assert "failed: method=disp,ratio=0.2: error: ratio=0.2" in capsys.readouterr().out
+
+
 def test_speedups_are_taken_against_the_tables_dense_row() -> None:
     import pandas as pd
 
