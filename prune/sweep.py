@@ -6,7 +6,7 @@ cannot be reached), and the cells after it would never run. Instead the failed c
 its own directory, in place of ``results.json``, and the sweep goes on; when the sweep ends, `FailedCells`
 prints one line naming the failed cells and exits with status 2; `prune.tables` lists them (`failed_cells`)
 under the table, and its per-cell progress line says FAILED. The file lives next to the cell's results,
-so this works for every launcher that shares the output file system (basic, joblib, submitit/SLURM).
+so it works for any launcher whose cells share the output file system (checked: basic, submitit_local).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from prune.errors import PruneError
-from prune.sweep import ERROR_FILE, failed_cells
 from prune.paths import PACKAGE_ROOT
+from prune.sweep import ERROR_FILE, failed_cells
 
 REPO = PACKAGE_ROOT.parent
 EXPERIMENTS = REPO / "experiments"

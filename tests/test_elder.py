@@ -207,7 +207,7 @@ def test_l1_forms() -> None:
 
 def test_curves_are_logged_live_to_the_wandb_run(monkeypatch) -> None:
     """Each optimiser step goes to the open W&B run (``wandb.run.log``) as it happens, with the values that
-    ``plan.info`` keeps; lists (the scales, the per-layer I/O norms) become one key per index."""
+    ``plan.info`` keeps; lists become one key per entry: the scales by index, stage 2's I/O norms by layer."""
     import types
 
     from tests.conftest import load_tiny

@@ -10,7 +10,7 @@ is re-learned for the rest, until ⌈ratio·L⌉ layers are masked; they form P.
 Two exact properties of this parametrisation (tests/test_elder.py checks both): (1) the final norm is
 scale-invariant, so the CE never sees the scale of the last alive layer; L1 alone drives it down, and once it
 is masked the next one becomes last, and so on: unprotected, stage 1 drifts to the top layers (on the
-embedded model, 8 of 30 layers: the top 8 with ``l1_form=abs``, 6 of the top 9 and layer 18 with ``split``;
+embedded model, 8 of 30 layers: the top 8 with ``l1_form=abs``, 7 of the top 9 and layer 18 with ``split``;
 layers that the CE itself wants smaller compete with them). The code's ``alive_list[3:-4]``
 (``protect_last=4``) is what prevents this. (2) An identity layer k is not singled
 out: only S[k-1]·S[k] reaches the loss, so the two scales stay equal. ``scale_site=delta`` (scale only what a
@@ -30,7 +30,8 @@ NOTE(faithfulness), paper (as summarised in specs/methods.md §3) vs code vs her
   weight (one AdamW, lr 2e-5). Default here: S only (``stage1_trainable=scales``); ``all`` is the code's
   choice (weights then use ``stage1_weight_lr``).
 - S learning rate: not given by the paper; the code's 2e-5 moves S by ~2e-5 per step, so its ranking is set
-  by the signs of the first Adam steps. ``stage1_lr`` (own default 5e-2) lets S reach an equilibrium.
+  by the signs of the first Adam steps. ``stage1_lr`` (own default 5e-2) lets S move; on the embedded model
+  its ranking still does not settle with more steps (experiments/table2/README.md).
 - Selection: smallest |S| here; the code sorts the signed S. The code never selects the first 3 or last 4
   layers (``alive_list[3:-4]``); here ``protect_first`` / ``protect_last`` (default 0, code 3 / 4).
 - L1 form: the paper handles the L1 term "via an equivalent constrained form with auxiliary variables"
@@ -95,15 +96,18 @@ class LayerScales:
         self.pos = nn.Parameter(torch.ones(num_layers, device=device, dtype=torch.float32))
         self.neg = nn.Parameter(torch.zeros_like(self.pos)) if form == "split" else None
 
+    def tensor(self) -> torch.Tensor:
+        """S as one Tensor[num_layers] that carries gradients."""
+        return self.pos if self.neg is None else self.pos - self.neg
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.pos[i] if self.neg is None else self.pos[i] - self.neg[i]
+        return self.tensor()[i]
 
     def params(self) -> list[nn.Parameter]:
         return [self.pos] if self.neg is None else [self.pos, self.neg]
 
     def values(self) -> list[float]:
-        s = self.pos if self.neg is None else self.pos - self.neg
-        return s.detach().cpu().tolist()
+        return self.tensor().detach().cpu().tolist()
 
     def l1(self, idx: torch.Tensor) -> torch.Tensor:
         """Σ|S| over the layers `idx` (split form: Σ(u + v), the same value whenever u·v = 0)."""
@@ -246,8 +250,8 @@ class Elder:
                 ) -> tuple[list[int], list[dict[str, Any]], dict[str, list]]:
         """Learn the layer scalars round by round; mask the smallest |S| after each round (Eq. stage 1)."""
         model = adapter.model
-        num_layers = adapter.num_layers()
-        scales = LayerScales(num_layers, dist.device(model), self.l1_form)
+        num_layers, device = adapter.num_layers(), dist.device(model)
+        scales = LayerScales(num_layers, device, self.l1_form)
         masked: list[int] = []  # read by the hooks on every call: masking takes effect at once
         rounds: list[dict[str, Any]] = []
         curves: dict[str, list] = {"ce": [], "l1": [], "loss": [], "lr": [], "scales": [], "round": []}
@@ -261,7 +265,7 @@ class Elder:
         with layer_scales(adapter, scales, masked, self.scale_site):
             for r in range(n if self.iterative else 1):
                 alive = [i for i in range(num_layers) if i not in masked]
-                alive_t = torch.tensor(alive, device=scales.pos.device)
+                alive_t = torch.tensor(alive, device=device)
 
                 def penalty() -> torch.Tensor:
                     return self.lambda1 * scales.l1(alive_t)

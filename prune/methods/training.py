@@ -56,8 +56,8 @@ def flat_point(prefix: str, point: dict[str, Any], names: list | None = None) ->
     flat: dict[str, float] = {}
     for key, value in point.items():
         if isinstance(value, (list, tuple)):
-            labels = names if names is not None and len(names) == len(value) else range(len(value))
-            flat |= {f"{prefix}/{key}/{name}": float(v) for name, v in zip(labels, value)}
+            labels = range(len(value)) if names is None else names
+            flat |= {f"{prefix}/{key}/{name}": float(v) for name, v in zip(labels, value, strict=True)}
         else:
             flat[f"{prefix}/{key}"] = float(value)
     return flat
