@@ -82,8 +82,8 @@ def run(cfg: DictConfig) -> float | None:
         record = {
             "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
             "dense_metrics": dense_metrics, "plan": json.loads(plan.to_json()),
-            "metric_config": {k: e.describe() for k, e in evaluators.items()} | {"mem": peak.kind,
-                                                                                  "dense_speed": cfg.dense_speed},
+            "metric_config": {k: e.describe() for k, e in evaluators.items()}
+            | {"mem": peak.kind, "dense_speed": cfg.dense_speed},
             "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
             "provenance": provenance.manifest() | {"model": loaded.provenance,
                                                    "calibration": calib.info if calib else None},
@@ -104,13 +104,22 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def set_determinism(on: bool) -> None:
-    """``deterministic=true``: deterministic CUDA kernels, meant to make same-seed GPU runs repeat (slower).
+    """``deterministic=true``: deterministic CUDA kernels, so that same-seed GPU runs repeat (slower).
     An op with no deterministic version warns instead of failing. CUBLAS_WORKSPACE_CONFIG only takes effect
-    when set before the process's first cuBLAS call, which is why it is set here, before the model loads."""
+    when set before the process's first cuBLAS call, which is why it is set here, before the model loads.
+
+    The fused attention kernels (flash, memory-efficient, cuDNN) are switched off too: their backward passes
+    accumulate with atomics, and under ``warn_only`` they would only warn. On an H100, with them on, two
+    same-seed ELDeR runs had stage-1 scales ~5e-4 apart; with them off, they were bit-identical
+    (experiments/reference_gpu). The math kernel in their place is deterministic, slower, and keeps the
+    T x T attention matrix."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
+    cuda = torch.backends.cuda
+    for enable_fused in (cuda.enable_flash_sdp, cuda.enable_mem_efficient_sdp, cuda.enable_cudnn_sdp):
+        enable_fused(not on)
 
 
 def _make_logger(cfg: DictConfig, choices: dict[str, Any], run_dir: Path) -> tracking.Logger:

@@ -144,8 +144,11 @@ def test_deterministic_switch_sets_and_clears_torch_flags(monkeypatch) -> None:
     try:
         set_determinism(True)
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                    or torch.backends.cuda.cudnn_sdp_enabled())
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         set_determinism(False)
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
