@@ -29,10 +29,16 @@ def config_hash(node: Any) -> str:
     return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Bumped whenever the evaluators add or change metric keys, so that a cached dense evaluation never lacks a
+# key that the pruned cells have (2: zero-shot standard errors and item counts).
+DENSE_METRICS_VERSION = 2
+
+
 def dense_cache_path(model_key: str, eval_config: Any) -> Path:
     """Where the dense model's metrics under one evaluation config are cached (computed once per model)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
-    return cache_dir() / "dense" / f"{safe}-{config_hash(eval_config)}.json"
+    key = config_hash({"eval": eval_config, "metrics_version": DENSE_METRICS_VERSION})
+    return cache_dir() / "dense" / f"{safe}-{key}.json"
 
 
 class PeakMemory:
@@ -104,7 +110,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     for key, spec in described.items():
         label = f"[{spec['convention']}, {spec['slice']}" + (f", preset {spec['preset']}]" if spec.get("preset") else "]")
         lines.append(f"{key:<28} dense {_fmt(dense.get(key, float('nan'))):>9}   pruned {_fmt(m[key]):>9}   {label}")
-    shown = ("zs/mean", "speed/prefill_ms", "speed/decode_ms", "speed/throughput_tok_s")
+    shown = ("zs/mean", "zs/mean_stderr", "speed/prefill_ms", "speed/decode_ms", "speed/throughput_tok_s")
     lines += [f"{k:<28} dense {_fmt(dense.get(k, float('nan'))):>9}   pruned {_fmt(m[k]):>9}" for k in shown if k in m]
     ratios = [f"{k.split('/')[1]} {m[k]:.2f}x" for k in sorted(m) if k.endswith("_speedup") and k in m]
     if any(k.startswith("speed/") and not k.endswith("ideal_speedup") for k in m):

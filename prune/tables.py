@@ -77,13 +77,17 @@ TASKS = tuple(Column(label, f"zs/{task}/{metric}", 100) for label, task, metric 
     ("PIQA", "piqa", "acc_norm"), ("Wino", "winogrande", "acc"), ("HS", "hellaswag", "acc_norm"),
     ("ARC-e", "arc_easy", "acc_norm"), ("ARC-c", "arc_challenge", "acc_norm")])
 AVG = Column("Avg", "zs/mean", 100)
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+# Half-width of the 95% interval of the zero-shot mean over the items evaluated, in points: no paper reports it,
+# and at a CPU preset's 100 items per task it is ~4 points, the size of many differences between methods.
+AVG_MARGIN = Column("±95%", "zs/mean_stderr", 100 * Z95, digits=1)
 
 TABLES: dict[str, TableSpec] = {
     "table1": TableSpec("Table 1: main comparison at about 21% (WikiText-2 PPL, zero-shot accuracy %)",
-                        (REMOVED, PPL, PPL4096, *TASKS, AVG)),
+                        (REMOVED, PPL, PPL4096, *TASKS, AVG, AVG_MARGIN)),
     "table2": TableSpec(
         "Table 2: efficiency at 20% and 50% (perplexity, zero-shot mean, speed, pruning cost)",
-        (REMOVED, PPL, PPL4096, Column("ZS avg", "zs/mean", 100),
+        (REMOVED, PPL, PPL4096, Column("ZS avg", "zs/mean", 100), AVG_MARGIN,
          Column("tok/s", "speed/throughput_tok_s", digits=1),
          Column("latency ms", "speed/prefill_ms", digits=1), Column("decode ms", "speed/decode_ms", digits=1),
          Column("throughput x", "speed/throughput_speedup"), Column("latency x", "speed/prefill_speedup"),
@@ -95,7 +99,8 @@ TABLES: dict[str, TableSpec] = {
               ("speed/prefill_speedup", "latency speed-up"), ("speed/ideal_speedup", "ideal speed-up"),
               ("time/prune_s", "pruning time (s)"))),
     "blockpruner_table2": TableSpec("BlockPruner Table 2: ablation (full, - search, - block)",
-                                    (REMOVED, PPL, AVG, Column("layers removed", "layers/removed", digits=0))),
+                                    (REMOVED, PPL, AVG, AVG_MARGIN,
+                                     Column("layers removed", "layers/removed", digits=0))),
 }
 
 
@@ -328,6 +333,9 @@ def _header(spec: TableSpec, table: str, scale: dict[str, Any], model: str, firs
         "Accuracies in %, `removed %` = parameters removed (embeddings included). "
         f"Paper numbers and their sources: `experiments/{table}/expected.csv`.",
     ]
+    if AVG_MARGIN in spec.columns:
+        lines.append(f"`{AVG_MARGIN.label}`: half-width of the 95% interval of the zero-shot mean, from the "
+                     "binomial standard error over the items evaluated (lm-eval's), in points.")
     if any(c.key.endswith("_speedup") for c in spec.columns):
         lines.append("Speed-ups (`x` columns) are the dense row's time over the row's (throughput: the row's over "
                      "the dense row's), so they agree with the times shown.")

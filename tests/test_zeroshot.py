@@ -204,17 +204,23 @@ def test_bundled_default_tasks(tiny_model, tokenizer):
     assert tiny_model.training
     tiny_model.eval()
 
-    expected = {f"zs/{t}/acc" for t in DEFAULT_TASKS} | {f"zs/{t}/acc_norm" for t in DEFAULT_TASKS
-                                                         if t != "winogrande"} | {"zs/mean"}
-    assert set(m) == expected
-    for key, value in m.items():
+    accuracies = {f"zs/{t}/acc" for t in DEFAULT_TASKS} | {f"zs/{t}/acc_norm" for t in DEFAULT_TASKS
+                                                           if t != "winogrande"}
+    counts = {f"zs/{t}/n" for t in DEFAULT_TASKS}
+    assert set(m) == accuracies | {f"{k}_stderr" for k in accuracies} | counts | {"zs/mean", "zs/mean_stderr"}
+    assert all(m[k] == LIMIT for k in counts)
+    for key in accuracies:
+        value = m[key]
         assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
-        if key != "zs/mean":  # an accuracy over LIMIT items is a multiple of 1/LIMIT
-            assert math.isclose(value * LIMIT, round(value * LIMIT)), (key, value)
+        # an accuracy over LIMIT items is a multiple of 1/LIMIT; its standard error is the binomial one
+        assert math.isclose(value * LIMIT, round(value * LIMIT)), (key, value)
+        assert m[f"{key}_stderr"] == pytest.approx(math.sqrt(value * (1 - value) / (LIMIT - 1)), abs=1e-12)
     # The seed papers' average: acc_norm for PIQA, HellaSwag, ARC-e, ARC-c; acc for WinoGrande.
-    by_hand = (m["zs/piqa/acc_norm"] + m["zs/winogrande/acc"] + m["zs/hellaswag/acc_norm"]
-               + m["zs/arc_easy/acc_norm"] + m["zs/arc_challenge/acc_norm"]) / 5
-    assert m["zs/mean"] == pytest.approx(by_hand, abs=1e-12)
+    primary = ["zs/piqa/acc_norm", "zs/winogrande/acc", "zs/hellaswag/acc_norm", "zs/arc_easy/acc_norm",
+               "zs/arc_challenge/acc_norm"]
+    assert m["zs/mean"] == pytest.approx(sum(m[k] for k in primary) / 5, abs=1e-12)
+    assert m["zs/mean_stderr"] == pytest.approx(math.sqrt(sum(m[f"{k}_stderr"] ** 2 for k in primary)) / 5,
+                                                abs=1e-12)
 
     desc = ev.describe()
     assert desc == {
@@ -222,6 +228,28 @@ def test_bundled_default_tasks(tiny_model, tokenizer):
         "limit": LIMIT, "num_fewshot": 0, "batch_size": 8,
         "task_versions": {t: 1.0 for t in DEFAULT_TASKS}, "preset": "test-tiny",
     }
+
+
+def test_stderr_is_the_one_lm_eval_reports(tiny_model, tokenizer, task_manager):
+    """Our closed-form standard error equals lm-eval's own, which it computes only when bootstrapping is on."""
+    ev = ZeroShotEvaluator(tasks=["arc_easy"], source="bundled", limit=LIMIT, batch_size=8)
+    ours = ev(tiny_model, tokenizer)
+    from lm_eval.models.huggingface import HFLM
+
+    harness = lm_eval.simple_evaluate(model=HFLM(pretrained=tiny_model, tokenizer=tokenizer, batch_size=8),
+                                      tasks=["bundled_arc_easy"], task_manager=task_manager, limit=LIMIT,
+                                      num_fewshot=0, bootstrap_iters=100)["results"]["bundled_arc_easy"]
+    for metric in ("acc", "acc_norm"):
+        assert ours[f"zs/arc_easy/{metric}"] == harness[f"{metric},none"]
+        assert ours[f"zs/arc_easy/{metric}_stderr"] == pytest.approx(harness[f"{metric}_stderr,none"], rel=1e-12)
+    assert ours["zs/mean_stderr"] == ours["zs/arc_easy/acc_norm_stderr"]  # one task: its own error
+
+
+def test_stderr_of_the_mean():
+    flat = {"zs/boolq/acc": 0.5, "zs/boolq/acc_stderr": 0.03, "zs/piqa/acc_norm": 0.7,
+            "zs/piqa/acc_norm_stderr": 0.04}
+    assert zeroshot.mean_stderr(flat, ["boolq", "piqa"]) == pytest.approx(0.025)  # sqrt(.03² + .04²) / 2
+    assert zeroshot.accuracy_stderr(0.5, 101) == pytest.approx(0.05)
 
 
 def test_optional_task_names_and_alias():
