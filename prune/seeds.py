@@ -104,6 +104,18 @@ def summarize(groups: dict[str, list[dict[str, Any]]], metrics: list[str]) -> li
     return rows
 
 
+def metrics_to_show(groups: dict[str, list[dict[str, Any]]], asked: list[str] | None) -> list[str]:
+    """The metrics asked for, each of which some cell must have; without a request, the defaults the cells
+    have (a perplexity-only sweep has no zs/mean)."""
+    known = {k for records in groups.values() for r in records for k in r["metrics"]}
+    if asked is None:
+        return [m for m in DEFAULT_METRICS if m in known]
+    unknown = [m for m in asked if m not in known]
+    if unknown:
+        raise PruneError(f"no cell has the metric(s) {unknown}; choose among: {', '.join(sorted(known))}")
+    return asked
+
+
 def _fmt(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.4g}"
 
@@ -132,17 +144,20 @@ def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m prune.seeds", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/<experiment_name>")
-    ap.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metric keys of results.json")
+    ap.add_argument("--metrics", nargs="+", help=f"metric keys of results.json (default: those of "
+                    f"{', '.join(DEFAULT_METRICS)} that the cells have)")
     ap.add_argument("--csv", type=Path, help="also write the rows (every statistic) to this CSV file")
     args = ap.parse_args(argv)
     try:
-        rows = summarize(group_by_setting(load_records(args.sweep_dir)), args.metrics)
+        groups = group_by_setting(load_records(args.sweep_dir))
+        metrics = metrics_to_show(groups, args.metrics)
     except PruneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(markdown(rows, args.metrics))
+    rows = summarize(groups, metrics)
+    print(markdown(rows, metrics))
     if args.csv:
-        write_csv(rows, args.metrics, args.csv)
+        write_csv(rows, metrics, args.csv)
     return 0
 
 

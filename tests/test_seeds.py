@@ -53,6 +53,7 @@ def test_groups_differ_only_in_seed_and_carry_their_spread(sweep: Path) -> None:
     assert ppl["sd"] == pytest.approx(math.sqrt(((864 - 1321.6667) ** 2 + (671 - 1321.6667) ** 2
                                                  + (2430 - 1321.6667) ** 2) / 2), rel=1e-6)
     assert (ppl["median"], ppl["min"], ppl["max"]) == (864.0, 671.0, 2430.0)
+    assert seeds.metrics_to_show(groups, None) == ["ppl/wikitext2", "zs/mean"]  # the defaults the cells have
     assert rows["method=shortgpt"]["ppl/wikitext2"]["sd"] == pytest.approx(2.0)
     assert rows["method=shortgpt"]["zs/mean"]["mean"] == pytest.approx(0.41)
 
@@ -92,6 +93,10 @@ def test_cli_prints_a_table_writes_csv_and_fails_cleanly(sweep: Path, tmp_path: 
     empty = subprocess.run([sys.executable, "-m", "prune.seeds", str(tmp_path / "nothing")],
                            capture_output=True, text=True, cwd=REPO)
     assert empty.returncode == 2 and empty.stderr.startswith("error: no finished results.json")
+    typo = subprocess.run([sys.executable, "-m", "prune.seeds", str(sweep), "--metrics", "ppl/wikitxt2"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert typo.returncode == 2 and typo.stderr == (
+        "error: no cell has the metric(s) ['ppl/wikitxt2']; choose among: ppl/wikitext2, zs/mean\n")
 
 
 def test_real_sweep_over_seeds(tmp_path: Path) -> None:
