@@ -58,16 +58,17 @@ def group_by_setting(found: list[tuple[Path, dict[str, Any]]]) -> dict[str, list
     """{label: records}: a group's records have the same resolved config but for the seeds. The label is
     the group's overrides that not every group shares (e.g. ``method=elder``)."""
     groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    settings: dict[str, dict[str, str]] = {}
     for path, record in found:
         setting = {k: v for k, v in _flatten(record["config"]).items() if k not in SEED_KEYS}
         key = json.dumps(setting, sort_keys=True)
+        settings.setdefault(key, setting)
         groups.setdefault(key, []).append((path, record))
     firsts = [_overrides(members[0][0]) for members in groups.values()]
     if not any(firsts):  # no Hydra record (results.json copied elsewhere): the config keys that tell them apart
-        settings = [json.loads(key) for key in groups]
-        keys = sorted({k for s in settings for k in s})
-        varying = [k for k in keys if len({s[k] for s in settings if k in s}) > 1]
-        firsts = [[f"{k}={json.loads(s[k])}" for k in varying if k in s] for s in settings]
+        keys = sorted({k for s in settings.values() for k in s})
+        varying = [k for k in keys if len({s[k] for s in settings.values() if k in s}) > 1]
+        firsts = [[f"{k}={json.loads(s[k])}" for k in varying if k in s] for s in settings.values()]
     shared = set.intersection(*(set(o) for o in firsts))
     labelled: dict[str, list[dict[str, Any]]] = {}
     for i, (own, members) in enumerate(zip(firsts, groups.values())):

@@ -10,8 +10,9 @@ is re-learned for the rest, until ⌈ratio·L⌉ layers are masked; they form P.
 Two exact properties of this parametrisation (tests/test_elder.py checks both): (1) the final norm is
 scale-invariant, so the CE never sees the scale of the last alive layer; L1 alone drives it down, and once it
 is masked the next one becomes last, and so on: unprotected, stage 1 drifts to the top layers (on the
-embedded model, 8 of 30 layers: the top 8 with ``l1_form=abs``, 7 of the top 9 and layer 18 with ``split``;
-layers that the CE itself wants smaller compete with them). The code's ``alive_list[3:-4]``
+embedded model, 8 of 30 layers, CPU preset: the top 8 with ``l1_form=abs``, 7 of the top 9 and layer 18 with
+``split``; under the paper's protocol on an H100, ``split`` took 27-29 and five lower layers: layers that the
+CE itself wants smaller compete with them). The code's ``alive_list[3:-4]``
 (``protect_last=4``) is what prevents this. (2) An identity layer k is not singled
 out: only S[k-1]·S[k] reaches the loss, so the two scales stay equal. ``scale_site=delta`` (scale only what a
 layer adds) makes an identity layer's scale invisible to the loss instead; it is a deviation, off by default.
