@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export WANDB_SILENT := true
 
-.PHONY: help install demo test test-slow test-all bench-ppl smoke reproduce-table1 reproduce-table2 \
+.PHONY: help install lint demo test test-slow test-all bench-ppl smoke reproduce-table1 reproduce-table2 \
         reproduce-blockpruner-table2 reference-gpu wandb-report clean-outputs
 
 help:  ## list targets
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install pinned dependencies (idempotent)
+
+lint: $(STAMP)  ## ruff (pinned in pyproject.toml): style, errors, import order, the line length
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)  ## BlockPruner at 25% of parameters on the embedded SmolLM2-135M, offline, CPU preset
 	# The search runs on 2 Alpaca sequences x 128 tokens (the CPU preset's 4 halved to keep the demo short; the

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
@@ -13,20 +11,13 @@ from typing import Any
 import torch
 
 from prune.paths import cache_dir
+from prune.store import digest, write_json_atomic  # noqa: F401  (write_json_atomic: the runner's name)
 
 RESULTS = "results.json"
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON via a temporary file and rename, so a crash never leaves a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: parallel cells may share a file
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def config_hash(node: Any) -> str:
-    return hashlib.sha256(json.dumps(node, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(node, length=16)
 
 
 # Bumped whenever the evaluators add or change metric keys, so that a cached dense evaluation never lacks a

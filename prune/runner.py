@@ -28,6 +28,7 @@ from prune.eval.params import count_params, removed_fraction
 from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.load import LoadedModel, load_model_and_tokenizer
+from prune.store import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +167,10 @@ def _dense_reference(loaded: LoadedModel, evaluators: dict[str, Any],
 
 
 def _save_model(loaded: LoadedModel, target: Path) -> None:
-    """save_pretrained (safetensors) into a temporary directory, then rename into place."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    loaded.model.save_pretrained(tmp, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(tmp)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    """save_pretrained (safetensors) into a temporary directory of this process, then rename into place."""
+    with atomic_target(target) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
 
 
 def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path, plot_files: list[Path]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from prune.paths import cache_dir
+from prune.store import atomic_target
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -33,8 +34,6 @@ def encode_cached(tokenizer: Any, text: str) -> torch.Tensor:
     if path.is_file():
         return torch.load(path)
     ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(ids, tmp)
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        torch.save(ids, tmp)
     return ids

@@ -11,8 +11,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2To
 from prune.data.sources import hub_reachable
 from prune.errors import PruneError
 from prune.paths import bundled, cache_dir
+from prune.store import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -200,12 +199,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    with atomic_target(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(path), "sha256": sha256_file(path)}, indent=2))
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
