@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("torch", "transformers", "lm_eval", "hydra-core", "omegaconf", "wandb", "datasets", "gguf", "accelerate")
+PACKAGES = ("torch", "transformers", "lm_eval", "hydra-core", "omegaconf", "wandb", "datasets", "gguf",
+            "accelerate")
 
 
 def _git(*args: str) -> str | None:
@@ -44,7 +45,8 @@ _GIT_AT_IMPORT = _git_state()
 
 
 def manifest() -> dict[str, Any]:
-    """Git state of the code this process imported; package versions and the machine at the time of the call."""
+    """Git state of the code this process imported; package versions and the machine at the time of the
+    call."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

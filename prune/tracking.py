@@ -65,7 +65,8 @@ def sweep_group(experiment_name: str, config: dict[str, Any]) -> str:
 
 
 def method_overrides() -> list[str]:
-    """The current Hydra job's ``method.<key>=<value>`` overrides as ``<key>=<value>`` (none outside Hydra)."""
+    """The current Hydra job's ``method.<key>=<value>`` overrides as ``<key>=<value>`` (none outside
+    Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -126,7 +127,8 @@ class WandbLogger:
 
 
 def log_summary(logger_cfg: dict[str, Any], experiment: str, config: dict[str, Any], columns: list[str],
-                rows: list[list[Any]], files: list[Path], images: dict[str, Path], run_dir: Path) -> str | None:
+                rows: list[list[Any]], files: list[Path], images: dict[str, Path],
+                run_dir: Path) -> str | None:
     """Log an aggregated paper table to one more run of the sweep's W&B group; returns its mode.
 
     Args:
@@ -194,6 +196,7 @@ def build_report(project: str, entity: str | None, group: str, title: str, markd
                                  y="ppl/wikitext2", log_y=True))
     kwargs = {"entity": entity} if entity else {}
     report = wr.Report(project=project, title=title, description=f"W&B group {group}", **kwargs,
-                       blocks=[wr.MarkdownBlock(text=markdown), wr.PanelGrid(runsets=[runset], panels=panels)])
+                       blocks=[wr.MarkdownBlock(text=markdown),
+                               wr.PanelGrid(runsets=[runset], panels=panels)])
     report.save()
     return str(report.url)

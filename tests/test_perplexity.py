@@ -41,7 +41,8 @@ def test_sequence_nll_matches_hf_loss() -> None:
 
 @pytest.mark.parametrize("convention", ["seq2048", "seq4096"])
 def test_uniform_model_has_perplexity_vocab_size(convention: str) -> None:
-    """Zero LM-head weights give uniform next-token probabilities: PPL = vocab size exactly, any convention."""
+    """Zero LM-head weights give uniform next-token probabilities: PPL = vocab size exactly, any
+    convention."""
     tiny = load_tiny("llama")
     torch.nn.init.zeros_(tiny.model.get_output_embeddings().weight)  # tied? llama tiny is untied
     evaluator = PerplexityEvaluator(datasets=["wikitext2"], conventions=[convention], max_windows=1,
@@ -66,7 +67,8 @@ def test_nll_lower_bound_is_below_the_exact_nll_and_tight_on_the_full_vocabulary
         nll, count = hidden_nll(head, hidden, ids, mask)
         exact = nll / count
         subset = likely_token_sets(head, hidden, ids, (4,))[0]
-        assert set(ids[:, 1:].reshape(-1).tolist()) <= set(subset.tolist()) and len(subset) < head.weight.shape[0]
+        assert set(ids[:, 1:].reshape(-1).tolist()) <= set(subset.tolist())
+        assert len(subset) < head.weight.shape[0]
         bound = nll_lower_bound(head, hidden, ids, mask, subset)
         assert torch.all(bound <= exact + 1e-9) and torch.all(bound > 0)
         full = nll_lower_bound(head, hidden, ids, mask, torch.arange(head.weight.shape[0]))

@@ -6,8 +6,8 @@ the same records, give identical per-item choices and identical accuracy") build
 copy of lm-eval's stock task YAML with only its data source pointed at the bundled file, and compares the
 two task by task: every record's prompt, choices and target, then the requests and per-item accuracy of a
 model run. The `slow` variant repeats the model run on the real reference model named by
-``PRUNE_REFERENCE_MODEL_DIR`` (default: the embedded SmolLM2-135M); ``PRUNE_ZS_ACCEPTANCE_LIMIT`` caps its items per
-task (default 200; 0 = all).
+``PRUNE_REFERENCE_MODEL_DIR`` (default: the embedded SmolLM2-135M); ``PRUNE_ZS_ACCEPTANCE_LIMIT`` caps its
+items per task (default 200; 0 = all).
 """
 
 from __future__ import annotations
@@ -231,7 +231,8 @@ def test_bundled_default_tasks(tiny_model, tokenizer):
 
 
 def test_stderr_is_the_one_lm_eval_reports(tiny_model, tokenizer, task_manager):
-    """Our closed-form standard error equals lm-eval's own, which it computes only when bootstrapping is on."""
+    """Our closed-form standard error equals lm-eval's own, which it computes only when bootstrapping is
+    on."""
     ev = ZeroShotEvaluator(tasks=["arc_easy"], source="bundled", limit=LIMIT, batch_size=8)
     ours = ev(tiny_model, tokenizer)
     from lm_eval.models.huggingface import HFLM
@@ -241,7 +242,8 @@ def test_stderr_is_the_one_lm_eval_reports(tiny_model, tokenizer, task_manager):
                                       num_fewshot=0, bootstrap_iters=100)["results"]["bundled_arc_easy"]
     for metric in ("acc", "acc_norm"):
         assert ours[f"zs/arc_easy/{metric}"] == harness[f"{metric},none"]
-        assert ours[f"zs/arc_easy/{metric}_stderr"] == pytest.approx(harness[f"{metric}_stderr,none"], rel=1e-12)
+        expected = harness[f"{metric}_stderr,none"]
+        assert ours[f"zs/arc_easy/{metric}_stderr"] == pytest.approx(expected, rel=1e-12)
     assert ours["zs/mean_stderr"] == ours["zs/arc_easy/acc_norm_stderr"]  # one task: its own error
 
 

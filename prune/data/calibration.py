@@ -35,7 +35,8 @@ class CalibrationSet:
 
     Attributes:
         input_ids: LongTensor[N, T].
-        target_mask: BoolTensor[N, T]; position t counts as the target of position t-1 (position 0 never does).
+        target_mask: BoolTensor[N, T]; position t counts as the target of position t-1 (position 0 never
+            does).
         info: provenance: dataset, split, source, style, nsamples, seqlen, seed, hash.
     """
 
@@ -81,7 +82,8 @@ def build_calibration(
         "sequences": int(ids.shape[0]), "seqlen": seqlen, "seed": seed, "preset": preset,
         "tokens_hash": tensor_hash(ids),
     }
-    log.info("calibration: %d x %d tokens of %s (%s, %s)", ids.shape[0], ids.shape[1], dataset, style, source_label)
+    log.info("calibration: %d x %d tokens of %s (%s, %s)", ids.shape[0], ids.shape[1], dataset, style,
+             source_label)
     return CalibrationSet(ids, mask, info)
 
 
@@ -94,7 +96,8 @@ def _all_targets(ids: torch.Tensor) -> torch.Tensor:
 def _random_windows(tok: Any, rows: list[str], n: int, seqlen: int, seed: int, join: str, _g: int):
     ids = encode_cached(tok, join.join(rows))
     if len(ids) <= seqlen + 1:
-        raise PruneError(f"calibration text has {len(ids)} tokens, fewer than seqlen={seqlen}; lower calib.seqlen")
+        raise PruneError(f"calibration text has {len(ids)} tokens, fewer than seqlen={seqlen}; "
+                         "lower calib.seqlen")
     rng = random.Random(seed)
     starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(n)]
     windows = torch.stack([ids[s : s + seqlen] for s in starts])
@@ -103,12 +106,14 @@ def _random_windows(tok: Any, rows: list[str], n: int, seqlen: int, seed: int, j
 
 def _row_chunks(tok: Any, rows: list[str], n: int, seqlen: int, seed: int, join: str, _g: int):
     if n > len(rows):
-        raise PruneError(f"calib.nsamples={n} rows requested but the source has {len(rows)}; lower calib.nsamples")
+        raise PruneError(f"calib.nsamples={n} rows requested but the source has {len(rows)}; "
+                         "lower calib.nsamples")
     chosen = random.Random(seed).sample(rows, n)
     ids = encode_cached(tok, "\n\n".join(chosen))
     count = len(ids) // seqlen
     if count == 0:
-        raise PruneError(f"{n} rows give {len(ids)} tokens, less than one {seqlen}-token chunk; raise calib.nsamples")
+        raise PruneError(f"{n} rows give {len(ids)} tokens, less than one {seqlen}-token chunk; "
+                         "raise calib.nsamples")
     chunks = ids[: count * seqlen].view(count, seqlen)
     return chunks, _all_targets(chunks)
 
@@ -120,7 +125,8 @@ def _line_blocks(tok: Any, rows: list[str], n: int, seqlen: int, _seed: int, _jo
     masks: list[torch.Tensor] = []
     lines = [r for r in rows if r.strip()]
     for g in range(0, len(lines), group_lines):
-        group = torch.cat([torch.tensor(tok(line)["input_ids"], dtype=torch.long) for line in lines[g : g + group_lines]])
+        group = torch.cat([torch.tensor(tok(line)["input_ids"], dtype=torch.long)
+                           for line in lines[g : g + group_lines]])
         for s in range(0, len(group), block):
             piece = group[s : s + block]
             mask = torch.ones(block, dtype=torch.bool)

@@ -73,7 +73,8 @@ BUNDLED: dict[tuple[str, str], tuple[Callable[[], list[str]], str]] = {
         lambda: _wikitext_rows("wikitext-2-raw/wiki.valid.raw"),
         "bundled:wikitext2-validation (offline substitute for the train split)"),
     ("ptb", "train"): (lambda: [s.strip() for s in _lines("ptb/ptb.train.txt.gz")], "bundled:ptb-train"),
-    ("ptb", "validation"): (lambda: [s.strip() for s in _lines("ptb/ptb.valid.txt")], "bundled:ptb-validation"),
+    ("ptb", "validation"): (lambda: [s.strip() for s in _lines("ptb/ptb.valid.txt")],
+                            "bundled:ptb-validation"),
     ("ptb", "test"): (lambda: [s.strip() for s in _lines("ptb/ptb.test.txt")], "bundled:ptb-test"),
     ("c4", "train"): (
         lambda: _jsonl_texts("c4/c4-train.00000-of-01024.first1000.redpajama.jsonl.gz"),
@@ -92,7 +93,8 @@ def _hub_rows(dataset: str, split: str) -> list[str]:
     if dataset == "ptb":
         return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
     if dataset == "c4":
-        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        train, validation = "en/c4-train.00000-of-01024.json.gz", "en/c4-validation.00000-of-00008.json.gz"
+        shard = train if split == "train" else validation
         return list(load_dataset("allenai/c4", data_files={split: shard}, split=split)["text"])
     if dataset == "alpaca":
         return list(load_dataset("tatsu-lab/alpaca", split=split)["text"])
@@ -115,7 +117,8 @@ def load_rows(dataset: str, split: str, source: str = "auto") -> tuple[list[str]
             return _hub_rows(dataset, split), f"hub:{dataset}/{split}"
         except Exception as err:  # noqa: BLE001 - any Hub failure falls back to the bundled copy
             if source == "hub":
-                raise PruneError(f"could not load {dataset}/{split} from the Hub ({err}); use data source=bundled")
+                raise PruneError(f"could not load {dataset}/{split} from the Hub ({err}); "
+                                 "use data source=bundled")
             log.warning("Hub load of %s/%s failed (%s); using the bundled copy", dataset, split, err)
     loader, label = BUNDLED[(dataset, split)]
     return loader(), label

@@ -1,7 +1,8 @@
 """Next-token negative log-likelihood without materialising the full ``[B, T, vocab]`` logits.
 
 The decoder's last hidden state goes through the LM head a slice of positions at a time, so peak memory
-stays bounded by ``B x chunk x vocab`` floats instead of ``B x T x vocab`` (4 GB for a 2048 x 32000 fp32 batch of 16).
+stays bounded by ``B x chunk x vocab`` floats instead of ``B x T x vocab`` (4 GB for a 2048 x 32000 fp32
+batch of 16).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from torch import nn
 
 
 def sequence_nll(
-    model: nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor | None = None, chunk: int | None = None,
+    model: nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor | None = None,
+    chunk: int | None = None,
     max_logit_elements: int = 2**27,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and target count per sequence.
@@ -29,7 +31,8 @@ def sequence_nll(
         ``(nll_sum[B], n_targets[B])``, float64 and int64, on the CPU.
     """
     hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # [B, T-1, d]
-    return hidden_nll(model.get_output_embeddings(), hidden, input_ids, target_mask, chunk, max_logit_elements)
+    head = model.get_output_embeddings()
+    return hidden_nll(head, hidden, input_ids, target_mask, chunk, max_logit_elements)
 
 
 def hidden_nll(

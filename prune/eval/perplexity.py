@@ -79,7 +79,8 @@ class PerplexityEvaluator:
         source: str = "auto",
         preset: str | None = None,
     ) -> None:
-        unknown = [c for c in conventions if c not in CONVENTIONS] + [d for d in datasets if d not in TEST_TEXTS]
+        unknown = [c for c in conventions if c not in CONVENTIONS]
+        unknown += [d for d in datasets if d not in TEST_TEXTS]
         if unknown:
             raise PruneError(f"unknown perplexity dataset/convention {unknown}; datasets {list(TEST_TEXTS)}, "
                              f"conventions {list(CONVENTIONS)}")
@@ -110,22 +111,26 @@ class PerplexityEvaluator:
                     metrics[f"ppl/{dataset}"] = value
                 self._described[f"ppl/{dataset}/{name}"] = {
                     "dataset": dataset, "split": split, "join": join, "source": source, "convention": name,
-                    "seqlen": conv.seqlen, "keep_partial": conv.keep_partial, "token_weighted": conv.token_weighted,
+                    "seqlen": conv.seqlen, "keep_partial": conv.keep_partial,
+                    "token_weighted": conv.token_weighted,
                     "windows": len(chosen), "windows_total": len(all_windows),
                     "tokens": int(sum(len(w) for w in chosen)), "tokens_hash": tensor_hash(ids),
-                    "slice": "full" if len(chosen) == len(all_windows) else f"first {len(chosen)} of {len(all_windows)} windows",
+                    "slice": ("full" if len(chosen) == len(all_windows)
+                              else f"first {len(chosen)} of {len(all_windows)} windows"),
                     "preset": self.preset,
                 }
         return metrics
 
-    def _evaluate(self, model: Any, wins: list[torch.Tensor], conv: Convention, device: Any, desc: str) -> float:
+    def _evaluate(self, model: Any, wins: list[torch.Tensor], conv: Convention, device: Any,
+                  desc: str) -> float:
         if not wins:
             raise PruneError("the perplexity test text is shorter than one window")
         nll: list[float] = []
         counts: list[int] = []
         # Full windows batch together; a partial tail (seq4096) has its own length and goes alone.
         groups = [wins[i : i + self.batch_size] for i in range(0, len(wins), self.batch_size)]
-        groups = [g for group in groups for g in ([group] if len({len(w) for w in group}) == 1 else [[w] for w in group])]
+        groups = [g for group in groups
+                  for g in ([group] if len({len(w) for w in group}) == 1 else [[w] for w in group])]
         for group in tqdm(groups, desc=desc, leave=False):
             batch = torch.stack(group).to(device)
             s, c = sequence_nll(model, batch)

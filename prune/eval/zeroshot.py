@@ -145,7 +145,8 @@ def accuracy_stderr(accuracy: float, n: int) -> float:
 
 
 def mean_stderr(metrics: dict[str, float], tasks: Sequence[str]) -> float:
-    """Standard error of :func:`mean_score`: the tasks' items are disjoint, so their errors add in quadrature."""
+    """Standard error of :func:`mean_score`: the tasks' items are disjoint, so their errors add in
+    quadrature."""
     return math.sqrt(sum(metrics[f"zs/{t}/{primary_metric(t)}_stderr"] ** 2 for t in tasks)) / len(tasks)
 
 
