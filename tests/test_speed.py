@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prune.errors import PruneError
 from prune.eval.speed import (
     SpeedEvaluator,
     generate_exactly,
@@ -59,7 +60,7 @@ def test_all_protocols_in_process(tiny_model):
 def test_protocol_subset_and_unknown(tiny_model):
     m = SpeedEvaluator(protocols=["prefill"], **TINY)(tiny_model, None)
     assert "speed/prefill_ms" in m and "speed/decode_ms" not in m and "speed/throughput_tok_s" not in m
-    with pytest.raises(ValueError):
+    with pytest.raises(PruneError):
         SpeedEvaluator(protocols=["prefil"])
 
 
@@ -100,7 +101,7 @@ def test_describe(tiny_model):
 
 def test_ideal_speedup():
     assert ideal_speedup(100, 50) == 2.0
-    with pytest.raises(ValueError):
+    with pytest.raises(PruneError):
         ideal_speedup(100, 0)
 
 
