@@ -57,7 +57,7 @@ import torch
 from prune.errors import PruneError
 from prune.eval.memory import MAX_RSS_INCREASE, PeakMemory
 from prune.eval.speed_child import measure_in_subprocess
-from prune.eval.speed_protocols import (  # noqa: F401  (generate_exactly, random_ids: public here too)
+from prune.eval.speed_protocols import (
     PAPER_PROTOCOLS,
     Protocol,
     device_name,
@@ -66,6 +66,9 @@ from prune.eval.speed_protocols import (  # noqa: F401  (generate_exactly, rando
     model_device_dtype,
     random_ids,
 )
+
+__all__ = ["PAPER_PROTOCOLS", "PROTOCOLS", "Protocol", "SpeedEvaluator", "generate_exactly", "ideal_speedup",
+           "random_ids", "speedups"]
 
 PROTOCOLS = tuple(PAPER_PROTOCOLS)  # the protocol names, in the order they run
 
