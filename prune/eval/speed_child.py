@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from prune.eval.speed_protocols import Protocol, measure, model_device_dtype
+from prune.eval.speed_protocols import Measurement, Protocol, measure, model_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ RESULT_PREFIX = "PRUNE_SPEED_RESULT "
 # --------------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------------
-def measure_in_subprocess(model: Any, protocols: Sequence[Protocol], warmup: int,
-                          seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+def measure_in_subprocess(model: Any, protocols: Sequence[Protocol], warmup: int, seed: int) -> Measurement:
     """`measure` run on a saved copy of ``model`` in a child process: its metrics and environment."""
     device, dtype = model_device_dtype(model)
     request = {

@@ -111,8 +111,11 @@ PAPER_PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
-def measure(model: Any, protocols: Sequence[Protocol], warmup: int, seed: int) -> tuple[dict[str, float],
-                                                                                          dict[str, Any]]:
+# A measurement's ``speed/*`` metrics, and where they were taken (device, dtype, threads, peak-memory kind).
+Measurement = tuple[dict[str, float], dict[str, Any]]
+
+
+def measure(model: Any, protocols: Sequence[Protocol], warmup: int, seed: int) -> Measurement:
     """Run ``protocols`` on ``model`` in this process: its ``speed/*`` metrics and where they were taken.
 
     Each protocol also records its peak memory (``speed/<name>_peak_mem_gb``), and the whole measurement
