@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -12,6 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from prune.errors import PruneError
 from prune.eval.memory import MAX_RSS_INCREASE, RSS_SAMPLED, PeakMemory
 from prune.eval.speed import (
+    PAPER_PROTOCOLS,
+    Protocol,
     SpeedEvaluator,
     generate_exactly,
     ideal_speedup,
@@ -152,3 +155,10 @@ def test_peak_memory_cuda_reads_the_allocator_peak(monkeypatch):
             pass
         assert peak.kind == kind and peak.peak_gb == 3.0
     assert resets == [torch.device("cuda")] * 2
+
+
+def test_default_protocols_are_the_papers_and_survive_json():
+    # The evaluator's keyword defaults repeat the papers' sizes; they must not drift apart.
+    protocols = SpeedEvaluator().protocols
+    assert protocols == tuple(PAPER_PROTOCOLS.values())
+    assert [Protocol.from_json(json.loads(json.dumps(p.to_json()))) for p in protocols] == list(protocols)
