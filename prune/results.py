@@ -1,10 +1,7 @@
-"""Run bookkeeping: the results file, the dense-reference cache, peak memory and the printed summary."""
+"""Run bookkeeping: the results file, the dense-reference cache and the printed summary."""
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +27,6 @@ def dense_cache_path(model_key: str, eval_config: Any) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
     key = config_hash({"eval": eval_config, "metrics_version": DENSE_METRICS_VERSION})
     return cache_dir() / "dense" / f"{safe}-{key}.json"
-
-
-class PeakMemory:
-    """Peak memory of a code block: CUDA allocator peak on GPU, sampled process RSS on CPU.
-
-    Attributes (after the block): ``peak_gb`` and ``kind`` (``cuda_max_allocated`` or ``cpu_rss_sampled``).
-    """
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        self.interval_s = interval_s
-        self.peak_gb = 0.0
-        self.kind = "cuda_max_allocated" if torch.cuda.is_available() else "cpu_rss_sampled"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def _rss_bytes() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_gb = max(self.peak_gb, self._rss_bytes() / 2**30)
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> PeakMemory:
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        elif os.path.exists("/proc/self/statm"):
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if torch.cuda.is_available():
-            self.peak_gb = torch.cuda.max_memory_allocated() / 2**30
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
 
 
 def derived_metrics(dense: dict[str, Any], pruned: dict[str, Any], prune_s: float) -> dict[str, float]:

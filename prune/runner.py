@@ -24,6 +24,7 @@ from transformers import set_seed
 from prune import plots, provenance, results, tracking
 from prune.data.calibration import build_calibration
 from prune.errors import PruneError
+from prune.eval.memory import PeakMemory
 from prune.eval.params import count_params, removed_fraction
 from prune.models import surgery
 from prune.models.adapter import adapter_for
@@ -63,7 +64,7 @@ def run(cfg: DictConfig) -> float | None:
         evaluators = {k: instantiate(v) for k, v in cfg.eval.items() if k != "name" and v is not None}
         dense_metrics = _dense_metrics(loaded, evaluators, cfg)
         calib = build_calibration(loaded.tokenizer, **cfg.calib) if method.needs_calibration else None
-        with results.PeakMemory() as peak:
+        with PeakMemory() as peak:
             t0 = time.perf_counter()
             plan = method.prune(adapter, calib, cfg.ratio)
             surgery.apply(adapter, plan)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prune.errors import PruneError
+from prune.eval.memory import MAX_RSS_INCREASE, RSS_SAMPLED, PeakMemory
 from prune.eval.speed import (
+    PAPER_PROTOCOLS,
+    Protocol,
     SpeedEvaluator,
     generate_exactly,
     ideal_speedup,
@@ -59,7 +65,7 @@ def test_all_protocols_in_process(tiny_model):
 def test_protocol_subset_and_unknown(tiny_model):
     m = SpeedEvaluator(protocols=["prefill"], **TINY)(tiny_model, None)
     assert "speed/prefill_ms" in m and "speed/decode_ms" not in m and "speed/throughput_tok_s" not in m
-    with pytest.raises(ValueError):
+    with pytest.raises(PruneError):
         SpeedEvaluator(protocols=["prefil"])
 
 
@@ -100,7 +106,7 @@ def test_describe(tiny_model):
 
 def test_ideal_speedup():
     assert ideal_speedup(100, 50) == 2.0
-    with pytest.raises(ValueError):
+    with pytest.raises(PruneError):
         ideal_speedup(100, 0)
 
 
@@ -125,3 +131,34 @@ def test_subprocess(tiny_model):
     _check_metrics(m)
     d = ev.describe()
     assert d["device"] == "cpu" and d["dtype"] == "torch.float32" and d["subprocess"] is True
+
+
+def test_peak_memory_cpu_ways():
+    with PeakMemory("cpu") as sampled:  # the runner's way: absolute RSS, sampled by a thread
+        block = torch.ones(2_000_000)
+        time.sleep(0.15)
+    assert sampled.kind == "cpu_rss_sampled" and sampled.peak_gb > 0
+    with PeakMemory("cpu", cpu=MAX_RSS_INCREASE) as increase:  # the speed evaluator's way
+        block = torch.ones(2_000_000)
+    assert increase.kind == "cpu ru_maxrss increase during measurement (GiB, weights excluded)"
+    assert increase.peak_gb >= 0
+    del block
+
+
+def test_peak_memory_cuda_reads_the_allocator_peak(monkeypatch):
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    for cpu, kind in ((RSS_SAMPLED, "cuda_max_allocated"),
+                      (MAX_RSS_INCREASE, "cuda max_memory_allocated (GiB, weights included)")):
+        with PeakMemory("cuda", cpu=cpu) as peak:
+            pass
+        assert peak.kind == kind and peak.peak_gb == 3.0
+    assert resets == [torch.device("cuda")] * 2
+
+
+def test_default_protocols_are_the_papers_and_survive_json():
+    # The evaluator's keyword defaults repeat the papers' sizes; they must not drift apart.
+    protocols = SpeedEvaluator().protocols
+    assert protocols == tuple(PAPER_PROTOCOLS.values())
+    assert [Protocol.from_json(json.loads(json.dumps(p.to_json()))) for p in protocols] == list(protocols)

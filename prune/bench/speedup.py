@@ -1,13 +1,14 @@
 """Measured prefill / decode / throughput speed-ups of a pruned model against its dense model, beside the
 ideal (parameter-proportional) speed-up.
 
-    python -m prune.bench.speedup                                   # embedded model, ShortGPT at 50% of layers
+    python -m prune.bench.speedup                              # embedded model, ShortGPT at 50% of layers
     python -m prune.bench.speedup method=last_layers ratio=0.25 rounds=3
     python -m prune.bench.speedup model=llama2_7b_shape method=last_layers  # GPU, random weights
 
 Dense and pruned copies live in one process and are measured alternately for ``rounds`` rounds (medians),
-so drift of a shared machine hits both alike. The speed protocol is the model's preset (``model.preset.speed``)
-or the papers' (SLEB/TRSP prefill 1x2048, BlockPruner decode 128 tokens) when the model has no preset.
+so drift of a shared machine hits both alike. The speed protocol is the model's preset
+(``model.preset.speed``) or the papers' (SLEB/TRSP prefill 1x2048, BlockPruner decode 128 tokens) when the
+model has no preset.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def main(argv: list[str]) -> dict:
         for name, model in (("dense", dense), ("pruned", pruned)):
             runs[name].append(evaluator(model, loaded.tokenizer))
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-    ideal = ideal_speedup(count_params(adapter_for(dense))["params/total"], count_params(adapter)["params/total"])
+    params_dense, params_pruned = (count_params(a)["params/total"] for a in (adapter_for(dense), adapter))
+    ideal = ideal_speedup(params_dense, params_pruned)
     measured = speedups(med["dense"], med["pruned"])
     return {
-        "model": cfg.model.name, "method": plan.method, "ratio": cfg.ratio, "removed_layers": plan.drop_layers,
+        "model": cfg.model.name, "method": plan.method, "ratio": cfg.ratio,
+        "removed_layers": plan.drop_layers,
         "speed_protocol": OmegaConf.to_container(cfg.eval.speed, resolve=True), "rounds": rounds,
         "threads": torch.get_num_threads(), "dense": med["dense"], "pruned": med["pruned"],
         "speedups": measured, "ideal_speedup": round(ideal, 3),
