@@ -16,7 +16,8 @@ from prune.store import write_atomic
 PLAN_FILE = "prune_plan.json"
 TENSOR_FILE = "prune_plan.safetensors"
 
-# Kinds that change values but remove no parameter: a plan made of these only is recorded as zeroed_only.
+# Kinds that zero weights but remove no parameter. A plan with one records info["zeroed_only"]: whether these
+# are all it does, so that a reader of params/removed (deleted parameters only) knows why it reads 0.
 ZEROING_KINDS = frozenset({"weight_masks"})
 
 
@@ -74,9 +75,9 @@ class PrunePlan:
             kind, _, target = name.partition("/")
             if not kind or not target:
                 raise PruneError(f"plan tensor {name!r} is not named '<kind>/<target>'")
-        if "weight_masks" in self.edit_kinds():
-            # NOTE: a new dict, so that the caller's info is not changed behind its back.
-            self.info = self.info | {"zeroed_only": set(self.edit_kinds()) <= ZEROING_KINDS}
+        kinds = set(self.edit_kinds())
+        if kinds & ZEROING_KINDS:  # a new dict: the caller's info is not changed behind its back
+            self.info = self.info | {"zeroed_only": kinds <= ZEROING_KINDS}
 
     # -- what the plan does ------------------------------------------------------------------------------
 
