@@ -81,16 +81,16 @@ def run(cfg: DictConfig) -> float | None:
         metrics |= results.derived_metrics(dense_metrics, metrics, prune_s)
         if cfg.save:
             _save_model(loaded, run_dir / "model")
+        plan_json = plan.save(run_dir)  # prune_plan.json, and prune_plan.safetensors if it has tensors
         record = {
             "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
-            "dense_metrics": dense_metrics, "plan": json.loads(plan.to_json()),
+            "dense_metrics": dense_metrics, "plan": plan_json,
             "metric_config": {k: e.describe() for k, e in evaluators.items()}
             | {"mem": peak.kind, "dense_speed": cfg.dense_speed},
             "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
             "provenance": provenance.manifest() | {"model": loaded.provenance,
                                                    "calibration": calib.info if calib else None},
         }
-        (run_dir / "prune_plan.json").write_text(plan.to_json())
         results.write_json_atomic(done, record)
         plot_files = plots.write_plots(Path(cfg.paths.outputs_root) / cfg.experiment_name)
         _log_run(logger, record, run_dir, plot_files)

@@ -1,6 +1,7 @@
 """Replay a pruning decision saved by an earlier run, without running its method again.
 
-Reads the ``plan`` of a cell's ``results.json`` (or a bare plan JSON) and hands it to surgery unchanged. Uses:
+Reads the ``plan`` of a cell's ``results.json`` (or a bare plan JSON), with the tensors it references from
+the file beside it, and hands it to surgery unchanged. Uses:
 evaluate a plan found on one machine on another (a GPU search, a CPU evaluation), or under another
 evaluation; and evaluate prefixes of a greedy removal order: ``steps=K`` keeps the first K entries of the
 plan's ``info.removal_order`` (BlockPruner), which is the plan that search returns at the ratio its step K
@@ -9,7 +10,7 @@ reached. Not a pruning method of any paper; the ratio is ignored (the plan decid
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 from prune.data.calibration import CalibrationSet
@@ -37,15 +38,12 @@ class Plan:
         if layers and max(layers) >= adapter.num_layers():
             raise PruneError(f"the plan in {self.path} names layer {max(layers)} but the model has "
                              f"{adapter.num_layers()} layers; pass the model the plan was made for")
-        return PrunePlan(method="plan", ratio=plan.ratio, ratio_unit=plan.ratio_unit,
-                         drop_layers=plan.drop_layers, drop_attn=plan.drop_attn, drop_mlp=plan.drop_mlp,
-                         keep_dims=plan.keep_dims, scores=plan.scores, info={"replayed": source} | plan.info)
+        return replace(plan, method="plan", info={"replayed": source} | plan.info)
 
     def _load(self) -> PrunePlan:
         if not self.path or not Path(self.path).is_file():
             raise PruneError(f"method.path={self.path} is not a file; pass a results.json or a plan JSON")
-        data = json.loads(Path(self.path).read_text())
-        return PrunePlan(**data.get("plan", data))
+        return PrunePlan.load(self.path)
 
     def _prefix(self, plan: PrunePlan) -> PrunePlan:
         """The plan after the first ``steps`` blocks of the removal order (both blocks gone: whole layer)."""

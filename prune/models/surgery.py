@@ -1,14 +1,19 @@
-"""The one module that changes a model's structure: it executes `PrunePlan`s.
+"""The one module that changes a model: it executes `PrunePlan`s.
 
-Methods never mutate models; they return a plan, and `apply` carries it out. Every edit removes the
-parameters for real (modules are deleted, not zeroed) and keeps the HF config in step, so stock
-``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` round-trip the pruned model.
+Methods never mutate models; they return a plan, and `apply` carries it out, one registered edit per kind
+the plan carries (`PrunePlan.edit_kinds`), in the order of `ORDER`. Structural edits remove the parameters
+for real (modules are deleted or sliced, not zeroed) and keep the HF config in step, so stock
+``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` round-trip the pruned model. Element edits
+(``weight_masks``) zero weights in place and remove no parameter.
+
+A new kind of edit: name it in `ORDER` where it must run, and register its function with ``@edit(kind)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 from prune.errors import PruneError
@@ -47,17 +52,74 @@ def drop_layers(adapter: ModelAdapter, indices: Iterable[int]) -> None:
     adapter.sync_config()
 
 
+# The order edits run in. Every edit names layers and parameters of the *dense* model: element edits run
+# first, while every tensor has its dense shape; width and sub-block edits keep the layer list; layer drops
+# renumber it, so they run last.
+ORDER = ("weight_masks", "keep_dims", "drop_sub_blocks", "drop_layers")
+# Kinds one plan cannot combine: widths assume a stock model, sub-block removal makes another type.
+INCOMPATIBLE = (("keep_dims", "drop_sub_blocks",
+                 "a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)"),)
+
+Edit = Callable[[ModelAdapter, PrunePlan], None]
+EDITS: dict[str, Edit] = {}
+
+
+def edit(kind: str) -> Callable[[Edit], Edit]:
+    """Register ``fn(adapter, plan)`` as the edit that carries out the plan's ``kind``."""
+    if kind not in ORDER:
+        raise ValueError(f"edit kind {kind!r} has no place in surgery.ORDER; add it there first")
+
+    def register(fn: Edit) -> Edit:
+        EDITS[kind] = fn
+        return fn
+
+    return register
+
+
 def apply(adapter: ModelAdapter, plan: PrunePlan) -> None:
-    """Carry out `plan` on the adapter's model, in place."""
-    if plan.keep_dims:  # first: keep_dims, like drop_layers, uses the dense model's layer indices
-        if plan.drop_attn or plan.drop_mlp:
-            raise PruneError("a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)")
-        from prune.models.width import prune_widths
+    """Carry out `plan` on the adapter's model, in place; the plan is checked whole before any edit."""
+    kinds = plan.edit_kinds()
+    unknown = [k for k in kinds if k not in EDITS]
+    if unknown:
+        raise PruneError(f"this version cannot apply plan edits {unknown} (it applies {', '.join(EDITS)})")
+    for a, b, problem in INCOMPATIBLE:
+        if a in kinds and b in kinds:
+            raise PruneError(problem)
+    for kind in ORDER:
+        if kind in kinds:
+            EDITS[kind](adapter, plan)
 
-        prune_widths(adapter, plan.keep_dims)
-    if plan.drop_attn or plan.drop_mlp:  # before drop_layers: both use the dense model's layer indices
-        from prune.models.blocks import remove_sub_blocks
 
-        remove_sub_blocks(adapter, plan.drop_attn, plan.drop_mlp, dropping_layers=plan.drop_layers)
-    if plan.drop_layers:
-        drop_layers(adapter, plan.drop_layers)
+@edit("weight_masks")
+def zero_masked_weights(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    """Zero the elements each mask marks True in its named parameter, in place; shapes stay, so parameter
+    counts do too (the plan records ``info["zeroed_only"]``)."""
+    for name, mask in plan.tensors_of("weight_masks").items():
+        try:
+            weight = adapter.model.get_parameter(name)
+        except AttributeError as e:
+            raise PruneError(f"the plan masks {name}, which the model does not have") from e
+        if mask.dtype != torch.bool or mask.shape != weight.shape:
+            raise PruneError(f"the plan's mask of {name} is {mask.dtype} {tuple(mask.shape)}; the weight "
+                             f"needs a torch.bool mask of shape {tuple(weight.shape)}")
+        with torch.no_grad():
+            weight.masked_fill_(mask.to(weight.device), 0)
+
+
+@edit("keep_dims")
+def _prune_widths(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    from prune.models.width import prune_widths
+
+    prune_widths(adapter, plan.keep_dims)
+
+
+@edit("drop_sub_blocks")
+def _remove_sub_blocks(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    from prune.models.blocks import remove_sub_blocks
+
+    remove_sub_blocks(adapter, plan.drop_attn, plan.drop_mlp, dropping_layers=plan.drop_layers)
+
+
+@edit("drop_layers")
+def _drop_layers(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    drop_layers(adapter, plan.drop_layers)
