@@ -63,22 +63,24 @@ class ModelAdapter:
     def layer(self, i: int) -> nn.Module:
         return self.layers()[i]
 
-    def attn(self, i: int) -> nn.Module:
-        return module_at(self.layer(i), self.layout.attn)
+    # A layer's parts in the order its hidden state meets them.
+
+    def attn_norm(self, i: int) -> nn.Module:
+        return module_at(self.layer(i), self.layout.attn_norm)
 
     def attn_in(self, i: int) -> list[nn.Linear]:
         """The attention input projections (q, k, v)."""
         return [module_at(self.layer(i), p) for p in self.layout.attn_in]
 
-    def attn_norm(self, i: int) -> nn.Module:
-        return module_at(self.layer(i), self.layout.attn_norm)
+    def attn(self, i: int) -> nn.Module:
+        return module_at(self.layer(i), self.layout.attn)
+
+    def attn_out(self, i: int) -> nn.Linear:
+        return module_at(self.layer(i), self.layout.attn_out)
 
     def mlp_norm(self, i: int) -> nn.Module:
         """The norm feeding the MLP (the shared input norm for parallel blocks)."""
         return module_at(self.layer(i), self.layout.mlp_norm or self.layout.attn_norm)
-
-    def attn_out(self, i: int) -> nn.Linear:
-        return module_at(self.layer(i), self.layout.attn_out)
 
     def mlp_in(self, i: int) -> list[nn.Linear]:
         return [module_at(self.layer(i), p) for p in self.layout.mlp_in]

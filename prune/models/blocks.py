@@ -156,7 +156,7 @@ def scan(model: nn.Module, layout: Layout) -> tuple[list[int], list[int]]:
 def remove_sub_blocks(
     adapter: ModelAdapter, attn: Iterable[int], mlp: Iterable[int], dropping_layers: Iterable[int] = ()
 ) -> None:
-    """Delete attention / MLP blocks for good and make the model a registered ``*_blockpruned`` type.
+    """Delete attention / MLP blocks for good; the model becomes the ``<family>_blockpruned`` type.
 
     Args:
         adapter: the model's adapter.
