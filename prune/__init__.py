@@ -27,58 +27,18 @@ def _dirname(overrides: str) -> str:
 _register_resolvers()
 
 
-def _load_blockpruned_checkpoints() -> None:
-    """Let ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained`` load exported BlockPruner / DISP models.
+def _register_pruned_model_types() -> None:
+    """Let ``AutoModelForCausalLM.from_pretrained(saved_dir)`` load pruned models saved by this package.
 
-    Their config has ``model_type="<family>_blockpruned"`` (`prune.models.blocks`) or ``"<family>_disp"``
-    (`prune.models.width`). Registering those types imports torch and six HF model classes, so it is
-    deferred to the first ``AutoConfig.from_pretrained`` call (which ``AutoModelForCausalLM.from_pretrained``
-    makes): that method is wrapped as soon as transformers' auto-config module is imported (now, if it
-    already is).
+    Sub-block removal and width pruning save configs with ``model_type="<family>_blockpruned"`` /
+    ``"<family>_disp"``, types transformers does not know; `prune.models.export.register_auto_classes` adds
+    them to ``AutoConfig`` / ``AutoModelForCausalLM``. That needs torch and transformers, so importing the
+    package only arranges it (`prune.models.export.register_on_first_load`): it runs just before the first
+    ``AutoConfig.from_pretrained``.
     """
-    import functools
-    import importlib.abc
-    import importlib.util
-    import sys
-    from types import ModuleType
+    from prune.models.export import register_on_first_load
 
-    target = "transformers.models.auto.configuration_auto"
-
-    def wrap(module: ModuleType) -> None:
-        auto = module.AutoConfig
-        original = auto.from_pretrained.__func__
-
-        @functools.wraps(original)
-        def from_pretrained(cls: type, *args: object, **kwargs: object) -> object:
-            from prune.models import blocks, width
-
-            blocks.register()
-            width.register()
-            return original(cls, *args, **kwargs)
-
-        auto.from_pretrained = classmethod(from_pretrained)
-
-    if target in sys.modules:
-        wrap(sys.modules[target])
-        return
-
-    class AfterImport(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname: str, path: object, target_: object = None) -> object:
-            if fullname != target:
-                return None
-            sys.meta_path.remove(self)  # one-shot; the remaining finders locate the real module
-            spec = importlib.util.find_spec(fullname)
-            if spec is not None and spec.loader is not None:
-                exec_module = spec.loader.exec_module
-
-                def exec_then_wrap(module: ModuleType) -> None:
-                    exec_module(module)
-                    wrap(module)
-
-                spec.loader.exec_module = exec_then_wrap  # type: ignore[method-assign]
-            return spec
-
-    sys.meta_path.insert(0, AfterImport())
+    register_on_first_load()
 
 
-_load_blockpruned_checkpoints()
+_register_pruned_model_types()

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from prune.errors import PruneError
+from prune.models import export
 from prune.models.adapter import ModelAdapter, adapter_for
+from prune.models.families import LAYOUTS
 from prune.models.hooks import layer_io
 from tests.conftest import random_ids
 
@@ -21,6 +23,7 @@ def test_accessors_shapes(tiny) -> None:
         assert isinstance(adapter.attn_out(i), nn.Linear) and adapter.attn_out(i).out_features == d
         assert adapter.mlp_out(i).out_features == d
         assert all(lin.in_features == d for lin in adapter.mlp_in(i))
+        assert len(adapter.attn_in(i)) == 3 and all(lin.in_features == d for lin in adapter.attn_in(i))
         assert adapter.mlp_out(i).in_features == adapter.mlp_in(i)[0].out_features
         assert adapter.attn_norm(i) is not None and adapter.mlp_norm(i) is not None
     assert adapter.parallel_blocks == (cfg.model_type == "phi")
@@ -39,7 +42,11 @@ def test_layer_io_chain(tiny) -> None:
     """Each layer's input is the previous layer's output, and the last output feeds the final norm."""
     adapter = adapter_for(tiny.model)
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with torch.inference_mode(), layer_io(adapter, lambda i, x, y: seen.__setitem__(i, (x.clone(), y.clone()))):
+
+    def record(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        seen[i] = (x.clone(), y.clone())
+
+    with torch.inference_mode(), layer_io(adapter, record):
         out = tiny.model.base_model(input_ids=random_ids(100), use_cache=False).last_hidden_state
     assert sorted(seen) == [0, 1, 2, 3]
     for i in range(1, 4):
@@ -55,3 +62,24 @@ def test_unknown_model_type_lists_supported() -> None:
 
     with pytest.raises(PruneError, match="supported: llama, mistral, opt, phi, qwen2, qwen3"):
         adapter_for(Fake())
+
+
+def test_layout_names_the_family_classes(tiny) -> None:
+    config_cls, model_cls = adapter_for(tiny.model).layout.hf_classes()
+    assert type(tiny.model) is model_cls and type(tiny.model.config) is config_cls
+    assert config_cls.model_type == tiny.model.config.model_type
+
+
+def test_every_edit_is_registered_for_every_family() -> None:
+    """``<family><suffix>`` resolves through the Auto classes to the derived types, for every family."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    export.register_auto_classes()
+    for family, layout in LAYOUTS.items():
+        for suffix, tag in (("_blockpruned", "BlockPruned"), ("_disp", "Disp")):
+            config_cls = CONFIG_MAPPING[family + suffix]
+            assert config_cls.model_type == family + suffix and config_cls().model_type == family
+            model_cls = AutoModelForCausalLM._model_mapping[config_cls]
+            assert model_cls.__name__ == f"{layout.hf_name}{tag}ForCausalLM"
+            assert issubclass(model_cls, layout.hf_classes()[1])

@@ -15,11 +15,21 @@ from prune.errors import PruneError
 from prune.models.families import LAYOUTS, Layout
 
 
-def _get(root: nn.Module, path: str) -> Any:
+def module_at(root: nn.Module, path: str) -> Any:
+    """The object at dotted attribute `path` below `root` (``"self_attn.o_proj"``)."""
     obj: Any = root
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put `new` at dotted `path` below `root`; returns the module it replaced."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, name)
+    setattr(parent, name, new)
+    return old
 
 
 class ModelAdapter:
@@ -45,7 +55,7 @@ class ModelAdapter:
         return self.layout.parallel_blocks
 
     def layers(self) -> nn.ModuleList:
-        return _get(self.model, self.layout.layers)
+        return module_at(self.model, self.layout.layers)
 
     def num_layers(self) -> int:
         return len(self.layers())
@@ -53,30 +63,36 @@ class ModelAdapter:
     def layer(self, i: int) -> nn.Module:
         return self.layers()[i]
 
-    def attn(self, i: int) -> nn.Module:
-        return _get(self.layer(i), self.layout.attn)
+    # A layer's parts in the order its hidden state meets them.
 
     def attn_norm(self, i: int) -> nn.Module:
-        return _get(self.layer(i), self.layout.attn_norm)
+        return module_at(self.layer(i), self.layout.attn_norm)
+
+    def attn_in(self, i: int) -> list[nn.Linear]:
+        """The attention input projections (q, k, v)."""
+        return [module_at(self.layer(i), p) for p in self.layout.attn_in]
+
+    def attn(self, i: int) -> nn.Module:
+        return module_at(self.layer(i), self.layout.attn)
+
+    def attn_out(self, i: int) -> nn.Linear:
+        return module_at(self.layer(i), self.layout.attn_out)
 
     def mlp_norm(self, i: int) -> nn.Module:
         """The norm feeding the MLP (the shared input norm for parallel blocks)."""
-        return _get(self.layer(i), self.layout.mlp_norm or self.layout.attn_norm)
-
-    def attn_out(self, i: int) -> nn.Linear:
-        return _get(self.layer(i), self.layout.attn_out)
+        return module_at(self.layer(i), self.layout.mlp_norm or self.layout.attn_norm)
 
     def mlp_in(self, i: int) -> list[nn.Linear]:
-        return [_get(self.layer(i), p) for p in self.layout.mlp_in]
+        return [module_at(self.layer(i), p) for p in self.layout.mlp_in]
 
     def mlp_out(self, i: int) -> nn.Linear:
-        return _get(self.layer(i), self.layout.mlp_out)
+        return module_at(self.layer(i), self.layout.mlp_out)
 
     def final_norm(self) -> nn.Module:
-        return _get(self.model, self.layout.final_norm)
+        return module_at(self.model, self.layout.final_norm)
 
     def embeddings(self) -> list[nn.Module]:
-        return [_get(self.model, p) for p in self.layout.embeddings]
+        return [module_at(self.model, p) for p in self.layout.embeddings]
 
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()

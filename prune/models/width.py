@@ -30,9 +30,9 @@ and computes exactly what the hard-masked model computes:
 - S4: plain width pruning (gate/up output rows, down input columns): no gather at all.
 - a structure that keeps every index is not wrapped, so it costs nothing.
 
-The model then becomes a registered ``<family>_disp`` type whose config records ``disp_keep_dims``
-(``{layer: {site: [kept indices]}}``, fully kept sites omitted); ``import prune`` lets
-``AutoModelForCausalLM.from_pretrained`` rebuild it (no ``trust_remote_code``).
+The model then becomes the ``<family>_disp`` type declared here (`DISP`, see `prune.models.export`), whose
+config records ``disp_keep_dims`` (``{layer: {site: [kept indices]}}``, fully kept sites omitted) and which
+``AutoModelForCausalLM.from_pretrained`` rebuilds after ``import prune`` (no ``trust_remote_code``).
 """
 
 from __future__ import annotations
@@ -47,13 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune.errors import PruneError
-from prune.models.adapter import ModelAdapter, _get
-from prune.models.blocks import FAMILY_CLASSES, _swap, derived_classes, register_derived
-from prune.models.families import LAYOUTS, Layout
+from prune.models import export
+from prune.models.adapter import ModelAdapter, module_at, replace_module
+from prune.models.families import Layout
 
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out")  # S1..S5, the hypernetwork's order
-QKV = ("q_proj", "k_proj", "v_proj")  # the attention input projections (every supported family)
-SUFFIX = "_disp"
 # {layer index (str, JSON-safe): {site: sorted kept indices}}; absent layers / sites keep everything.
 KeepDims = dict[str, dict[str, list[int]]]
 Masks = dict[int, dict[str, torch.Tensor]]
@@ -64,14 +62,8 @@ Masks = dict[int, dict[str, torch.Tensor]]
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _qkv(layer: nn.Module, layout: Layout) -> list[nn.Linear]:
-    attn = _get(layer, layout.attn)
-    return [getattr(attn, name) for name in QKV]
-
-
-def _check_family(adapter: ModelAdapter) -> None:
-    if adapter.model.config.model_type not in FAMILY_CLASSES:
-        raise PruneError(f"width pruning does not support model_type '{adapter.model.config.model_type}'")
+def _check_pre_norm(adapter: ModelAdapter) -> None:
+    """Every family in `LAYOUTS` supports width pruning, but only with pre-norm layers."""
     if getattr(adapter.model.config, "do_layer_norm_before", True) is False:
         raise PruneError("width pruning needs pre-norm layers (this OPT config is post-LN, like opt-350m)")
 
@@ -118,10 +110,10 @@ class WidthCost:
         """The cost model of the adapter's (dense) model."""
         from prune.eval.params import count_params
 
-        _check_family(adapter)
+        _check_pre_norm(adapter)
         widths, coef, bias = [], [], []
         for i in range(adapter.num_layers()):
-            qkv, o, mlp_in = _qkv(adapter.layer(i), adapter.layout), adapter.attn_out(i), adapter.mlp_in(i)
+            qkv, o, mlp_in = adapter.attn_in(i), adapter.attn_out(i), adapter.mlp_in(i)
             down = adapter.mlp_out(i)
             d = qkv[0].in_features
             widths.append([d, o.out_features, d, down.in_features, down.out_features])
@@ -163,9 +155,8 @@ def _scale_input(get: Callable[[], torch.Tensor]) -> Callable[..., tuple]:
 
 def _gate_sites(adapter: ModelAdapter, i: int) -> list[tuple[str, nn.Module, str]]:
     """(site, module, "in" | "out"): where each gate multiplies, for layer `i`."""
-    layer, layout = adapter.layer(i), adapter.layout
-    if layout.parallel_blocks:  # one norm feeds both blocks: gate the readers, not the norm
-        readers = [("attn_in", m, "in") for m in _qkv(layer, layout)]
+    if adapter.parallel_blocks:  # one norm feeds both blocks: gate the readers, not the norm
+        readers = [("attn_in", m, "in") for m in adapter.attn_in(i)]
         readers += [("mlp_in", m, "in") for m in adapter.mlp_in(i)]
     else:
         readers = [("attn_in", adapter.attn_norm(i), "out"), ("mlp_in", adapter.mlp_norm(i), "out")]
@@ -184,7 +175,7 @@ def gated(adapter: ModelAdapter, masks: Masks, square_mid: bool = False) -> Iter
         square_mid: gate the intermediate with m² where the MLP is gated (gate and up): the official code
             multiplies act(gate(x)) and up(x) by m each, which differs from m only for soft gates.
     """
-    _check_family(adapter)
+    _check_pre_norm(adapter)
     handles = []
     for i in range(adapter.num_layers()):
         gated_mlp = len(adapter.mlp_in(i)) > 1
@@ -278,29 +269,33 @@ def _select_inputs(layer: nn.Module, layout: Layout, norm_path: str, readers: li
     """S1 / S3: the readers of one normalised tensor see only the kept features."""
     if layout.parallel_blocks:
         for path in readers:  # one buffer each: safetensors refuses shared tensors
-            _swap(layer, path, IndexSelectLinear(_get(layer, path), index.clone()))
+            replace_module(layer, path, IndexSelectLinear(module_at(layer, path), index.clone()))
         return
     for path in readers:
-        _keep_cols(_get(layer, path), index)
-    _swap(layer, norm_path, SelectNorm(_get(layer, norm_path), index))
+        _keep_cols(module_at(layer, path), index)
+    replace_module(layer, norm_path, SelectNorm(module_at(layer, norm_path), index))
+
+
+def _write_rows(layer: nn.Module, path: str, index: torch.Tensor) -> None:
+    """S2 / S5: the projection at `path` computes the kept rows only, written into full-width zeros."""
+    replace_module(layer, path, IndexAddLinear(module_at(layer, path), index))
 
 
 def _prune_layer(layer: nn.Module, layout: Layout, keep: dict[str, list[int]]) -> None:
-    device = _get(layer, layout.attn_out).weight.device
+    device = module_at(layer, layout.attn_out).weight.device
     idx = {site: torch.tensor(v, dtype=torch.long, device=device) for site, v in keep.items()}
     if "attn_in" in idx:
-        qkv = [f"{layout.attn}.{name}" for name in QKV]
-        _select_inputs(layer, layout, layout.attn_norm, qkv, idx["attn_in"])
+        _select_inputs(layer, layout, layout.attn_norm, list(layout.attn_in), idx["attn_in"])
     if "attn_out" in idx:
-        _swap(layer, layout.attn_out, IndexAddLinear(_get(layer, layout.attn_out), idx["attn_out"]))
+        _write_rows(layer, layout.attn_out, idx["attn_out"])
     if "mlp_mid" in idx:  # before mlp_out: IndexAddLinear copies the column-sliced down projection
         for path in layout.mlp_in:
-            _keep_rows(_get(layer, path), idx["mlp_mid"])
-        _keep_cols(_get(layer, layout.mlp_out), idx["mlp_mid"])
+            _keep_rows(module_at(layer, path), idx["mlp_mid"])
+        _keep_cols(module_at(layer, layout.mlp_out), idx["mlp_mid"])
     if "mlp_in" in idx:
         _select_inputs(layer, layout, layout.mlp_norm or layout.attn_norm, list(layout.mlp_in), idx["mlp_in"])
     if "mlp_out" in idx:
-        _swap(layer, layout.mlp_out, IndexAddLinear(_get(layer, layout.mlp_out), idx["mlp_out"]))
+        _write_rows(layer, layout.mlp_out, idx["mlp_out"])
     layer.disp_keep = {site: list(v) for site, v in keep.items()}  # travels with the layer (drop_layers)
 
 
@@ -323,60 +318,39 @@ def normalise_keep(keep_dims: KeepDims, widths: list[list[int]]) -> KeepDims:
 
 def apply_widths(model: nn.Module, layout: Layout, keep_dims: KeepDims) -> None:
     """Slice and wrap the modules of `model` for `keep_dims` (already normalised)."""
-    layers = _get(model, layout.layers)
+    layers = module_at(model, layout.layers)
     for key, keep in keep_dims.items():
         _prune_layer(layers[int(key)], layout, keep)
 
 
 def _recorded(model: nn.Module, layout: Layout) -> KeepDims:
-    layers = _get(model, layout.layers)
+    layers = module_at(model, layout.layers)
     return {str(i): dict(layer.disp_keep) for i, layer in enumerate(layers)
             if getattr(layer, "disp_keep", None)}
 
 
 def prune_widths(adapter: ModelAdapter, keep_dims: KeepDims) -> None:
-    """Remove the unkept dimensions for good and make the model a registered ``<family>_disp`` type."""
-    import transformers
-
-    _check_family(adapter)
+    """Remove the unkept dimensions for good and make the model the ``<family>_disp`` type (`DISP`)."""
+    _check_pre_norm(adapter)
     model = adapter.model
-    family = model.config.model_type
-    if type(model.config) is not getattr(transformers, FAMILY_CLASSES[family][0]):
-        raise PruneError(f"width pruning needs a stock {family} model, not a {type(model.config).__name__}")
+    if type(model.config) is not adapter.layout.hf_classes()[0]:
+        raise PruneError(f"width pruning needs a stock {model.config.model_type} model, "
+                         f"not a {type(model.config).__name__}")
     keep = normalise_keep(keep_dims, WidthCost.of(adapter).widths)
     apply_widths(model, adapter.layout, keep)
-    config_cls, model_cls = disp_classes(family)
-    register()
-    model.config.__class__ = config_cls  # in place: every module holding this config sees the new type
-    model.config.disp_keep_dims = _recorded(model, adapter.layout)
-    model.__class__ = model_cls
+    export.convert(model, DISP, disp_keep_dims=_recorded(model, adapter.layout))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Registered config / model types
-# ----------------------------------------------------------------------------------------------------------
+def _rebuild(model: nn.Module, layout: Layout, config: Any) -> None:
+    apply_widths(model, layout, config.disp_keep_dims or {})
 
 
-def disp_classes(family: str) -> tuple[type, type]:
-    """(config class, causal-LM class) of ``<family>_disp``: rebuilt from ``config.disp_keep_dims``."""
-    layout = LAYOUTS[family]
-
-    def rebuild(model: nn.Module, config: Any) -> None:
-        apply_widths(model, layout, config.disp_keep_dims or {})
-
-    def refresh(model: nn.Module) -> None:
-        model.config.disp_keep_dims = _recorded(model, layout)  # renumbered if layers were dropped since
-
-    fields = {"disp_keep_dims": "dict[str, dict[str, list[int]]] | None"}
-    return derived_classes(family, SUFFIX, "Disp", fields, rebuild, refresh, module=__name__)
+def _record(model: nn.Module, layout: Layout) -> dict[str, KeepDims]:
+    return {"disp_keep_dims": _recorded(model, layout)}  # renumbered if layers were dropped since
 
 
-_REGISTERED = False
-
-
-def register() -> None:
-    """Add every ``*_disp`` type to ``AutoConfig`` / ``AutoModelForCausalLM`` (idempotent)."""
-    global _REGISTERED
-    if not _REGISTERED:
-        register_derived(disp_classes)
-        _REGISTERED = True
+# ``<family>_disp``: the config records the kept indices of every pruned site.
+DISP = export.declare(export.Edit(
+    suffix="_disp", tag="Disp", fields={"disp_keep_dims": "dict[str, dict[str, list[int]]] | None"},
+    rebuild=_rebuild, record=_record, module=__name__,
+))
