@@ -179,6 +179,8 @@ def test_config_content_that_is_not_a_mapping_is_the_users_error() -> None:
 
     with pytest.raises(PruneError, match=r"hydra.sweeper.params must be a mapping, got \[1, 2\]"):
         mapping(OmegaConf.create([1, 2]), "hydra.sweeper.params")
+    with pytest.raises(PruneError, match="scale must be a mapping, got 'smoke'"):
+        mapping("smoke", "scale")
     assert mapping(None, "scale") == {} and mapping(OmegaConf.create({"a": 1}), "scale") == {"a": 1}
     assert tables.Progress is Progress  # configs that still name prune.tables.Progress keep working
 

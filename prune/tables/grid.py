@@ -49,7 +49,9 @@ def grid_cells(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def mapping(node: Any, name: str, resolve: bool = False) -> dict[str, Any]:
     """A config node as a plain dict (an absent or empty node: ``{}``); anything but a mapping is the user's
     error, named by its config key."""
-    value = OmegaConf.to_container(node, resolve=resolve) if node else {}
+    if not node:
+        return {}
+    value = OmegaConf.to_container(node, resolve=resolve) if isinstance(node, DictConfig) else node
     if not isinstance(value, dict):
         raise PruneError(f"{name} must be a mapping, got {value!r}")
     return {str(k): v for k, v in value.items()}

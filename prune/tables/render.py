@@ -56,8 +56,8 @@ def preset_line(record: dict[str, Any] | None) -> str:
     preset = record["config"]["model"].get("preset")
     if not preset:
         return "no preset (the papers' full protocols)"
-    speed = preset.get(SPEED) if isinstance(preset.get(SPEED), dict) else {}
-    settings = {k: v for k, v in preset.items() if k != "name" and not (k == SPEED and isinstance(v, dict))}
+    settings = {k: v for k, v in preset.items() if k != "name"}
+    speed = settings.pop(SPEED) if isinstance(settings.get(SPEED), dict) else {}
     text = f"preset `{preset.get('name')}`: " + ", ".join(_dotted(settings))
     return text + ("; speed " + ", ".join(f"{k}={v}" for k, v in speed.items()) if speed else "")
 
