@@ -65,7 +65,7 @@ def group_by_setting(found: list[tuple[Path, dict[str, Any]]]) -> dict[str, list
         settings.setdefault(key, setting)
         groups.setdefault(key, []).append((path, record))
     firsts = [_overrides(members[0][0]) for members in groups.values()]
-    if not any(firsts):  # no Hydra record (results.json copied elsewhere): the config keys that tell them apart
+    if not any(firsts):  # no Hydra record (results.json copied elsewhere): the config keys telling them apart
         keys = sorted({k for s in settings.values() for k in s})
         varying = [k for k in keys if len({s[k] for s in settings.values() if k in s}) > 1]
         firsts = [[f"{k}={json.loads(s[k])}" for k in varying if k in s] for s in settings.values()]

@@ -7,6 +7,9 @@ its own directory, in place of ``results.json``, and the sweep goes on; when the
 prints one line naming the failed cells and exits with status 2; `prune.tables` lists them (`failed_cells`)
 under the table, and its per-cell progress line says FAILED. The file lives next to the cell's results,
 so it works for any launcher whose cells share the output file system (checked: basic, submitit_local).
+
+`Progress` is the other sweep callback (``hydra.callbacks.progress`` in the experiment configs): one line per
+cell, ``[k/N] <cell>: done in 12 s | skipped (results.json exists) | FAILED (...)``.
 """
 
 from __future__ import annotations
@@ -57,3 +60,43 @@ class FailedCells(Callback):
                   f"{sweep_dir}/<cell>/{ERROR_FILE}; fix the input and rerun (finished cells are skipped): "
                   + "; ".join(failed), file=sys.stderr)
             sys.exit(2)
+
+
+class Progress(Callback):
+    """A Hydra callback: one line per sweep cell, ``[k/N] <cell>: done in 12 s`` (or skipped / FAILED)."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self._start = 0.0
+        self._finished_before = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from prune.tables.grid import grid_cells, sweep_grid  # the grid as the tables rebuild it
+
+        self.total = len(grid_cells(sweep_grid(config, list(config.hydra.overrides.task))))
+
+    def _name(self, config: DictConfig) -> str:
+        job = config.hydra.job
+        return f"[{job.get('num', 0) + 1}/{self.total or '?'}] {job.override_dirname}"
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+        self._finished_before = (Path(config.hydra.runtime.output_dir) / "results.json").exists()
+        state = "finished before" if self._finished_before else "running"
+        print(f"{self._name(config)}: {state}", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        took = time.perf_counter() - self._start
+        print(f"{self._name(config)}: {self._status(config, job_return)} in {took:.0f} s", flush=True)
+
+    def _status(self, config: DictConfig, job_return: Any) -> str:
+        from hydra.core.utils import JobStatus
+
+        error = Path(config.hydra.runtime.output_dir) / ERROR_FILE  # bad input (record_failure)
+        if job_return.status != JobStatus.COMPLETED:
+            return f"FAILED ({job_return._return_value!r})"
+        if error.exists():
+            return f"FAILED ({error.read_text().strip()})"
+        if self._finished_before and not config.get("force"):
+            return "skipped (results.json exists)"
+        return "done"

@@ -96,7 +96,8 @@ def test_slurm_launcher_defaults_compose() -> None:
 def _record(method: str, ratio: float, ppl: float, zs: float, search: bool = True) -> dict:
     return {"choices": {"method": method},
             "config": {"ratio": ratio, "model": {"name": "m"}, "method": {"search": search}},
-            "metrics": {"ppl/wikitext2": ppl, "zs/mean": zs, "params/removed_frac": ratio, "layers/removed": 1},
+            "metrics": {"ppl/wikitext2": ppl, "zs/mean": zs, "params/removed_frac": ratio,
+                        "layers/removed": 1},
             "provenance": {"created_at": "2026-01-01T00:00:00"}}
 
 
@@ -105,11 +106,13 @@ def test_table_places_paper_numbers_and_differences_beside_ours() -> None:
 
     grid = {"method": ["blockpruner"], "method.search": [True, False], "ratio": [0.21]}
     cells = tables.grid_cells(grid)
-    records = [_record("blockpruner", 0.21, 10.0, 0.61), _record("blockpruner", 0.21, 12.0, 0.50, search=False)]
+    records = [_record("blockpruner", 0.21, 10.0, 0.61),
+               _record("blockpruner", 0.21, 12.0, 0.50, search=False)]
     matched = tables.match_cells(cells, records)
     assert matched == records
     expected = pd.DataFrame([["P", "T2", "m7", "blockpruner[search=false]", 0.2095, "zs/mean", 55.89, "n"],
-                             ["P", "T1", "m7", "slicegpt", 0.2145, "zs/mean", 57.83, ""]], columns=EXPECTED_COLUMNS)
+                             ["P", "T1", "m7", "slicegpt", 0.2145, "zs/mean", 57.83, ""]],
+                            columns=EXPECTED_COLUMNS)
     df = tables.build_table(tables.TABLES["blockpruner_table2"], grid, list(zip(cells, matched)), expected)
     assert list(df["kind"]) == ["ours", "ours", "paper", "diff", "paper"]
     assert list(df["method"][:2]) == ["blockpruner", "blockpruner[search=false]"]
@@ -127,7 +130,8 @@ def test_table_lists_the_cells_that_failed(tmp_path: Path, capsys) -> None:
     meta = tables.aggregate("table2", ["scale=smoke", f"paths.outputs_root={tmp_path}/outputs"],
                             results_dir=tmp_path / "table", log=False)
     assert meta["cells_done"] == 0
-    assert meta["cells_failed"] == {"method=disp,ratio=0.2": "error: ratio=0.2 of all parameters is unreachable"}
+    assert meta["cells_failed"] == {
+        "method=disp,ratio=0.2": "error: ratio=0.2 of all parameters is unreachable"}
     assert "Failed cells" in (tmp_path / "table" / "table.md").read_text()
     assert "failed: method=disp,ratio=0.2: error: ratio=0.2" in capsys.readouterr().out
 
@@ -140,11 +144,45 @@ def test_speedups_are_taken_against_the_tables_dense_row() -> None:
     dense, pruned = _record("dense", 0.5, 10.0, 0.6), _record("shortgpt", 0.5, 20.0, 0.5)
     dense["metrics"] |= {"speed/prefill_ms": 100.0, "speed/throughput_tok_s": 50.0}
     # measured against a stale dense cache entry (prefill 150 ms) when the cell ran
-    pruned["metrics"] |= {"speed/prefill_ms": 60.0, "speed/throughput_tok_s": 80.0, "speed/prefill_speedup": 2.5}
+    pruned["metrics"] |= {"speed/prefill_ms": 60.0, "speed/throughput_tok_s": 80.0,
+                          "speed/prefill_speedup": 2.5}
     expected = pd.DataFrame([], columns=EXPECTED_COLUMNS)
     df = tables.build_table(tables.TABLES["table2"], grid, list(zip(cells, [dense, pruned])), expected)
     assert list(df["latency x"]) == pytest.approx([1.0, 100 / 60])
     assert list(df["throughput x"]) == pytest.approx([1.0, 80 / 50])
+
+
+def test_preset_line_prints_method_blocks_as_dotted_keys() -> None:
+    from prune.tables.render import preset_line
+
+    def line(preset: dict | None) -> str:
+        return preset_line({"config": {"model": {"preset": preset}}})
+
+    flat = {"name": "cpu", "ppl_windows": 6, "calib_nsamples": 8, "zs_limit": 100, "disp_steps": 200,
+            "speed": {"prefill_len": 512, "decode_iters": 5}}
+    assert line(flat) == ("preset `cpu`: ppl_windows=6, calib_nsamples=8, zs_limit=100, disp_steps=200; "
+                          "speed prefill_len=512, decode_iters=5")
+    nested = {"name": "cpu", "ppl_windows": 6, "disp": {"steps": 200, "nsamples": None},
+              "search": {"sequences": 4}, "speed": {"prefill_len": 512}}
+    assert line(nested) == ("preset `cpu`: ppl_windows=6, disp.steps=200, disp.nsamples=None, "
+                            "search.sequences=4; speed prefill_len=512")
+    assert line(None) == "no preset (the papers' full protocols)"
+    assert preset_line(None) == ""
+
+
+def test_config_content_that_is_not_a_mapping_is_the_users_error() -> None:
+    from omegaconf import OmegaConf
+
+    from prune.errors import PruneError
+    from prune.sweep import Progress
+    from prune.tables.grid import mapping
+
+    with pytest.raises(PruneError, match=r"hydra.sweeper.params must be a mapping, got \[1, 2\]"):
+        mapping(OmegaConf.create([1, 2]), "hydra.sweeper.params")
+    with pytest.raises(PruneError, match="scale must be a mapping, got 'smoke'"):
+        mapping("smoke", "scale")
+    assert mapping(None, "scale") == {} and mapping(OmegaConf.create({"a": 1}), "scale") == {"a": 1}
+    assert tables.Progress is Progress  # configs that still name prune.tables.Progress keep working
 
 
 def _smoke_env(tmp: Path) -> dict:
@@ -174,7 +212,8 @@ def test_reproduce_table2_smoke_matches_the_cells(smoke_table2) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep = out / "outputs" / "table2" / "smoke"
     n = len(tables.grid_cells(grid_of(compose_full("experiment=table2", "scale=smoke"))))
-    assert sum(f"/{n}] " in line and line.endswith(" s") for line in proc.stdout.splitlines()) == n  # progress
+    progress = [line for line in proc.stdout.splitlines() if f"/{n}] " in line and line.endswith(" s")]
+    assert len(progress) == n  # one progress line per cell
     files = sorted(sweep.glob("*/results.json"))
     assert len(files) == n
     table = sweep / "table"
@@ -192,7 +231,8 @@ def test_reproduce_table2_smoke_matches_the_cells(smoke_table2) -> None:
         for col in spec.columns:
             value = record["metrics"].get(col.key)
             if isinstance(value, (int, float)) and col.label in row:
-                assert float(row[col.label]) == pytest.approx(value * col.scale, rel=1e-9), (method, col.label)
+                assert float(row[col.label]) == pytest.approx(value * col.scale, rel=1e-9), (
+                    method, col.label)
     meta = json.loads((table / "meta.json").read_text())
     assert meta["cells_done"] == n and meta["cells_missing"] == []
     assert "| method" in (table / "table.md").read_text()
@@ -241,8 +281,9 @@ def test_report_fails_with_one_line_naming_the_fix(tmp_path: Path) -> None:
 
 
 def test_submitit_local_runs_each_cell_in_its_own_process(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(REPO / "run.py"), "-m", "hydra/launcher=submitit_local", "method=dense,shortgpt",
-           "ratio=0.25", "eval=ppl", "debug=tiny", f"paths.outputs_root={tmp_path}/outputs"]
+    cmd = [sys.executable, str(REPO / "run.py"), "-m", "hydra/launcher=submitit_local",
+           "method=dense,shortgpt", "ratio=0.25", "eval=ppl", "debug=tiny",
+           f"paths.outputs_root={tmp_path}/outputs"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_smoke_env(tmp_path),
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

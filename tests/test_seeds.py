@@ -22,7 +22,8 @@ def _cell(sweep: Path, overrides: list[str], config: dict, metrics: dict) -> Non
     cell = sweep / ",".join(overrides)
     (cell / ".hydra").mkdir(parents=True)
     (cell / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (cell / "results.json").write_text(json.dumps({"status": "complete", "config": config, "metrics": metrics}))
+    record = {"status": "complete", "config": config, "metrics": metrics}
+    (cell / "results.json").write_text(json.dumps(record))
 
 
 def _config(method: str, seed: int, method_seed: int | None = None) -> dict:
