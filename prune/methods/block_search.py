@@ -265,12 +265,12 @@ class BlockSearch:
         (the likely removals), as many as fit.
         """
         def cost(layer: int) -> int:  # every candidate below `layer` keeps one state entering it
-            return self.state_bytes() * sum(c[1] < layer for c in ranked)
+            return self.state_bytes() * sum(c.layer < layer for c in ranked)
 
         if sum(cost(g) for g in range(1, self.num_layers)) <= budget_bytes:
             return set(range(1, self.num_layers))
         kept: set[int] = set()
-        for layer in dict.fromkeys(c[1] for c in ranked):
+        for layer in dict.fromkeys(c.layer for c in ranked):
             if layer > 0 and sum(cost(g) for g in kept | {layer}) <= budget_bytes:
                 kept.add(layer)
         return kept
@@ -336,12 +336,12 @@ class BlockSearch:
         layers are kept for the next step.
         """
         kept = {c: self.resume.setdefault(c, {}).setdefault(b, {}) for c in candidates}
-        start = {c: max(kept[c], default=c[1]) for c in candidates}
+        start = {c: max(kept[c], default=c.layer) for c in candidates}
         frontier: dict[Block, torch.Tensor] = {}
         for m in range(min(start.values()), self.num_layers):
-            frontier |= {c: kept[c][m] for c in candidates if start[c] == m > c[1]}
+            frontier |= {c: kept[c][m] for c in candidates if start[c] == m > c.layer}
             outputs = self.run_layer(m, b, frontier, cost) if frontier else {}
-            for c in [c for c in candidates if start[c] == m == c[1]]:  # its own layer, with c removed
+            for c in [c for c in candidates if start[c] == m == c.layer]:  # its own layer, with c removed
                 with self.removed([c]):
                     outputs |= self.run_layer(m, b, {c: None}, cost)
             frontier = outputs
@@ -389,7 +389,7 @@ class BlockSearch:
         self.resume.pop(block, None)
         for per_batch in self.resume.values():
             for kept in per_batch.values():
-                for g in [g for g in kept if g > block[1]]:
+                for g in [g for g in kept if g > block.layer]:
                     del kept[g]
 
     def statistics(self, candidates: list[Block], statistic: Callable) -> dict[Block, float]:
@@ -408,7 +408,7 @@ class BlockSearch:
         def accumulate(c: Block) -> Callable:
             def hook(_m: nn.Module, _a: tuple, _k: dict, out: Any) -> None:
                 x, y = seen.pop(c), a.hidden(out)
-                y = y if c[0] == "layer" else x + y.view_as(x)
+                y = y if c.kind == "layer" else x + y.view_as(x)
                 d = x.shape[-1]
                 values = statistic(x.reshape(-1, d).float(), y.reshape(-1, d).float())
                 sums[c] += values.sum(dtype=torch.float64).cpu()
@@ -418,7 +418,7 @@ class BlockSearch:
                  "mlp": (a.mlp_norm, a.mlp_out)}
         handles = []
         for c in candidates:
-            site_in, site_out = (get(c[1]) for get in sites[c[0]])
+            site_in, site_out = (get(c.layer) for get in sites[c.kind])
             handles.append(site_in.register_forward_pre_hook(remember(c), with_kwargs=True))
             handles.append(site_out.register_forward_hook(accumulate(c), with_kwargs=True))
         try:

@@ -39,14 +39,13 @@ losses differ between batch sizes only by float rounding; the fast and plain sea
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from prune.data.calibration import CalibrationSet
 from prune.methods.block_scorers import LOSS_SCORES, STATISTICS
 from prune.methods.block_search import Block, mask_sets
-from prune.methods.greedy import GreedySearch, SearchOptions, plain_evaluations, plan_sets
+from prune.methods.greedy import GreedyMethod, GreedySearch, SearchOptions, plain_evaluations, plan_sets
 from prune.models.adapter import ModelAdapter
 from prune.options import bounded
 from prune.types import PrunePlan
@@ -79,7 +78,7 @@ def candidate_blocks(num_layers: int, unit: str, block_type: str) -> list[Block]
     return mha + mlp
 
 
-class BlockPruner:
+class BlockPruner(GreedyMethod):
     """Greedy removal of attention / MLP blocks by calibration perplexity.
 
     Options (`BlockPrunerOptions`, validated once; read back as attributes, e.g. ``method.score``):
@@ -107,17 +106,8 @@ class BlockPruner:
 
     name = "blockpruner"
     ratio_unit = "params"
-    needs_calibration = True
-
-    def __init__(self, **options: Any) -> None:
-        self.options = BlockPrunerOptions.parse(options)
-        self.on_step: Callable[[int], None] | None = None  # after each saved step (tests interrupt here)
-
-    def __getattr__(self, name: str) -> Any:  # the options read as attributes (method.block_type)
-        options = self.__dict__.get("options")
-        if options is None or not hasattr(options, name):
-            raise AttributeError(name)
-        return getattr(options, name)
+    options_type = BlockPrunerOptions
+    options: BlockPrunerOptions
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         o = self.options

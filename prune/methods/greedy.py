@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 
@@ -66,6 +66,25 @@ class SearchOptions(Options):
     max_seqlen: int | None = bounded(None, ge=1)
 
 
+class GreedyMethod:
+    """What BlockPruner and SLEB share as pruning methods: keyword options parsed once into
+    ``options_type`` (read back as attributes: ``method.search_impl``) and the `on_step` hook. Each builds
+    its `GreedySearch` in ``prune``."""
+
+    options_type: ClassVar[type[SearchOptions]]
+    needs_calibration = True
+
+    def __init__(self, **options: Any) -> None:
+        self.options = self.options_type.parse(options)
+        self.on_step: Callable[[int], None] | None = None  # after each saved step (tests interrupt here)
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is None or not hasattr(options, name):
+            raise AttributeError(name)
+        return getattr(options, name)
+
+
 def plan_sets(removed: list[Block]) -> tuple[list[int], list[int], list[int]]:
     """(layers deleted whole, layers losing only attention, layers losing only the MLP) for removed blocks:
     a layer whose both blocks are gone is deleted whole (the same function)."""
@@ -102,6 +121,19 @@ class SearchState:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"order": [list(b) for b in self.order]}
 
+    def add(self, outcome: StepOutcome, record: dict[str, Any], complete: bool, dense_total: float | None,
+            num_seq: int) -> None:
+        """Record a step: its removals, their PPLs and sums, its cost, the next step's hints."""
+        self.order += outcome.blocks
+        self.step_ppl += outcome.ppl
+        self.step_total += outcome.total
+        self.steps.append(record)
+        if outcome.hints is not None:
+            self.hints = outcome.hints
+        self.complete = complete
+        if self.dense_ppl is None and dense_total is not None:
+            self.dense_ppl = math.exp(dense_total / num_seq)
+
 
 def load_state(cache: KeyedFile | None, key: dict[str, Any]) -> SearchState:
     """The cached state of this key, or a fresh one (no cache, no file, or an unreadable one)."""
@@ -127,6 +159,37 @@ class RunCost:
         self.steps += 1
         self.evaluations += record["evaluations"]
         self.plain_evaluations += record["plain_evaluations"]
+
+
+class StepOutcome(NamedTuple):
+    """What a step removes (one block; a one-shot ranking: all of them), with the calibration PPL and the
+    exact sum each entry records (a statistic's ranking: the statistic, and no sum)."""
+
+    blocks: list[Block]
+    ppl: list[float]
+    total: list[float | None]
+    hints: dict[str, float] | None = None  # every candidate's value this step, when the scorer has them
+
+
+def greedy_step(scorer: Scorer, step: Step, engine: BlockSearch) -> StepOutcome:
+    """One step of Alg. 1: the scorer's best removal and the model's calibration PPL without it."""
+    choice = scorer.best(step)
+    ppl = math.exp(choice.total / engine.num_seq)
+    return StepOutcome([choice.block], [ppl], [choice.total], hints=choice.values)
+
+
+def one_shot(scorer: Scorer, step: Step, engine: BlockSearch) -> StepOutcome:
+    """'- search': rank every candidate once on the dense model (ties: official order). The ranking never
+    scores the cumulative removals: each entry is its single-candidate score."""
+    scores = scorer.rank(step)
+    if not scorer.loss:
+        order = sorted(step.remaining, key=lambda c: (scores[c], step.index[c]))
+        return StepOutcome(order, [scores[c] for c in order], [None for _ in order])
+    objective = step.objective(engine.dense_total)
+    values = {c: objective(scores[c], c) for c in step.remaining}
+    order = sorted(step.remaining, key=lambda c: (values[c], step.index[c]))
+    ppls = [math.exp(scores[c] / engine.num_seq) for c in order]
+    return StepOutcome(order, ppls, [scores[c] for c in order])
 
 
 def step_record(cost: StepCost, engine: BlockSearch, remaining: int, scorer: Scorer,
@@ -209,61 +272,34 @@ class GreedySearch:
         engine = BlockSearch(adapter, calib, o.batch_size, o.cache_device, o.stack_tokens)
         scorer = scorer_for(self.score, o.search_impl, engine, o.resume_gb * 2**30)
         scorer.prepare(needs_dense=state.dense_ppl is None and not state.order)
-        index = {c: n for n, c in enumerate(self.candidates)}
         while not reached(state.order):
             remaining = [c for c in self.candidates if c not in set(state.order)]
             if not remaining:
                 break
-            t0 = time.perf_counter()
-            step = Step(remaining, index, self.score, state.hints, on_dense_model=not state.order,
-                        current_total=state.step_total[-1] if state.order else None,
-                        sizes=self.sizes(adapter, state.order, remaining), cost=StepCost())
-            with engine.removed(state.order):
-                if self.iterative:
-                    chosen, ppls, totals = self.greedy_step(scorer, step, engine, state)
-                else:
-                    chosen, ppls, totals = self.one_shot(scorer, step, engine)
-            record = step_record(step.cost, engine, len(remaining), scorer, time.perf_counter() - t0)
-            state.order += chosen
-            state.step_ppl += ppls
-            state.step_total += totals
-            state.steps.append(record)
-            state.complete = not self.iterative
-            if state.dense_ppl is None and engine.dense_total is not None:
-                state.dense_ppl = math.exp(engine.dense_total / engine.num_seq)
+            outcome, record = self.step(adapter, engine, scorer, state, remaining)
+            state.add(outcome, record, complete=not self.iterative, dense_total=engine.dense_total,
+                      num_seq=engine.num_seq)
             cost.add(record)
             if cache is not None:
                 cache.save_json(state.to_json())
             log.info("%s step %d: removed %s, calibration PPL %.4f", self.method, len(state.order),
-                     chosen[-1].name, ppls[-1])
+                     outcome.blocks[-1].name, outcome.ppl[-1])
             if self.on_step is not None:
                 self.on_step(len(state.order))
             if not self.iterative:
                 break
 
-    @staticmethod
-    def greedy_step(scorer: Scorer, step: Step, engine: BlockSearch,
-                    state: SearchState) -> tuple[list[Block], list[float], list[float | None]]:
-        """One step of Alg. 1: the scorer's best removal and the model's calibration PPL without it."""
-        choice = scorer.best(step)
-        if choice.values is not None:
-            state.hints = choice.values
-        return [choice.block], [math.exp(choice.total / engine.num_seq)], [choice.total]
-
-    @staticmethod
-    def one_shot(scorer: Scorer, step: Step,
-                 engine: BlockSearch) -> tuple[list[Block], list[float], list[float | None]]:
-        """'- search': rank every candidate once on the dense model (ties: official order). The ranking never
-        scores the cumulative removals: each entry is its single-candidate score."""
-        scores = scorer.rank(step)
-        values = scores
-        if scorer.loss:
-            objective = step.objective(engine.dense_total)
-            values = {c: objective(scores[c], c) for c in step.remaining}
-        order = sorted(step.remaining, key=lambda c: (values[c], step.index[c]))
-        if not scorer.loss:
-            return order, [scores[c] for c in order], [None for _ in order]
-        return order, [math.exp(scores[c] / engine.num_seq) for c in order], [scores[c] for c in order]
+    def step(self, adapter: ModelAdapter, engine: BlockSearch, scorer: Scorer, state: SearchState,
+             remaining: list[Block]) -> tuple[StepOutcome, dict[str, Any]]:
+        """One step on the model without ``state.order``: what it removes, and its cost record."""
+        started = time.perf_counter()
+        step = Step(remaining, {c: n for n, c in enumerate(self.candidates)}, self.score, state.hints,
+                    on_dense_model=not state.order,
+                    current_total=state.step_total[-1] if state.order else None,
+                    sizes=self.sizes(adapter, state.order, remaining), cost=StepCost())
+        with engine.removed(state.order):
+            outcome = greedy_step(scorer, step, engine) if self.iterative else one_shot(scorer, step, engine)
+        return outcome, step_record(step.cost, engine, len(remaining), scorer, time.perf_counter() - started)
 
     def sizes(self, adapter: ModelAdapter, order: list[Block], remaining: list[Block]) -> dict[Block, int]:
         """Parameters each remaining block would remove after `order` (nll_per_param only), counted on the

@@ -16,13 +16,11 @@ Ratio unit: layers, ⌈ratio·L⌉ removed (the rounding SLEB's 20% = 7 of 32 la
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from prune.data.calibration import CalibrationSet
 from prune.methods.block_search import Block
-from prune.methods.greedy import GreedySearch, SearchOptions
+from prune.methods.greedy import GreedyMethod, GreedySearch, SearchOptions
 from prune.methods.layer_common import ROUNDING, layers_to_remove
 from prune.models.adapter import ModelAdapter
 from prune.options import bounded
@@ -38,7 +36,7 @@ class SlebOptions(SearchOptions):
     num_layers: int | None = bounded(None, ge=0)
 
 
-class Sleb:
+class Sleb(GreedyMethod):
     """Greedy whole-layer removal by calibration loss, with SLEB's barriers.
 
     Options (`SlebOptions`, validated once; read back as attributes, e.g. ``method.early_barrier``):
@@ -51,17 +49,8 @@ class Sleb:
 
     name = "sleb"
     ratio_unit = "layers"
-    needs_calibration = True
-
-    def __init__(self, **options: Any) -> None:
-        self.options = SlebOptions.parse(options)
-        self.on_step: Callable[[int], None] | None = None  # after each saved step
-
-    def __getattr__(self, name: str) -> Any:  # the options read as attributes (method.early_barrier)
-        options = self.__dict__.get("options")
-        if options is None or not hasattr(options, name):
-            raise AttributeError(name)
-        return getattr(options, name)
+    options_type = SlebOptions
+    options: SlebOptions
 
     def candidates(self, num_layers: int) -> list[Block]:
         """Every layer outside the barriers, ascending (a tie keeps the lowest layer)."""
