@@ -284,11 +284,17 @@ def test_interrupted_search_resumes_from_last_step() -> None:
 ATTN, MLP = [0, 2, 3], [1, 3]  # layer 0's attention goes; layer 3 loses both blocks
 
 
-def test_sub_block_removal_is_real_and_exact(model) -> None:
+def _reference_and_copy(model) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """Inputs, the dense logits with the ATTN / MLP blocks zeroed (what removing them must give), and a copy
+    of the model to prune."""
     ids = random_ids(100)
     with torch.inference_mode():
         expected = _skip_blocks_logits(model, ATTN, MLP, ids)
-    pruned = copy.deepcopy(model)
+    return ids, expected, copy.deepcopy(model)
+
+
+def test_sub_block_removal_is_real_and_exact(model) -> None:
+    ids, expected, pruned = _reference_and_copy(model)
     adapter = adapter_for(pruned)
     before = count_params(adapter)["params/total"]
     removed = {id(p): p.numel() for m in blocks.removed_modules(adapter, ATTN, MLP) for p in m.parameters()}
@@ -308,10 +314,7 @@ def test_sub_block_removal_is_real_and_exact(model) -> None:
 
 def test_plan_drops_layers_without_blocks_and_renumbers(model) -> None:
     """A plan drops layer 3 whole and sub-blocks elsewhere; the config records post-drop indices."""
-    ids = random_ids(100)
-    with torch.inference_mode():
-        expected = _skip_blocks_logits(model, ATTN, MLP, ids)
-    pruned = copy.deepcopy(model)
+    ids, expected, pruned = _reference_and_copy(model)
     adapter = adapter_for(pruned)
     plan = PrunePlan("blockpruner", 0.0, "params", drop_layers=[3], drop_attn=[0, 2], drop_mlp=[1])
     surgery.apply(adapter, plan)
