@@ -30,6 +30,7 @@ per sequence. Where its speed comes from (the step is ``FastScorer.best``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +87,13 @@ class StepCost:
     layer_passes: int = 0  # decoder layer x sequence forwards of the scoring
     sequence_passes: int = 0  # sequences run through (part of) the decoder
     cache_layer_passes: int = 0  # layer x sequence forwards that (re)built the cached layer inputs
+
+    def record(self, plain: int, num_layers: int, num_seq: int, seconds: float, impl: str) -> dict[str, Any]:
+        """The step's record in the search state: these counts, what the official loop would have spent on
+        the step (``plain`` evaluations of every layer and sequence), its time and scorer."""
+        return dataclasses.asdict(self) | {
+            "plain_evaluations": plain, "plain_layer_passes": plain * num_layers * num_seq,
+            "plain_sequence_passes": plain * num_seq, "seconds": seconds, "impl": impl}
 
 
 class _Replay(nn.Module):

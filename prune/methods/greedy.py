@@ -192,16 +192,6 @@ def one_shot(scorer: Scorer, step: Step, engine: BlockSearch) -> StepOutcome:
     return StepOutcome(order, ppls, [scores[c] for c in order])
 
 
-def step_record(cost: StepCost, engine: BlockSearch, remaining: int, scorer: Scorer,
-                seconds: float) -> dict[str, Any]:
-    """A step's cost as kept in the state, with what the official loop would have spent on it."""
-    plain = remaining if scorer.loss else 1  # the official loop scores every block
-    n = engine.num_seq
-    return dataclasses.asdict(cost) | {
-        "plain_evaluations": plain, "plain_layer_passes": plain * engine.num_layers * n,
-        "plain_sequence_passes": plain * n, "seconds": seconds, "impl": scorer.impl}
-
-
 @dataclass(frozen=True)
 class GreedySearch:
     """One greedy search: the candidates in the official order (ties keep the first), the score, the stop
@@ -299,7 +289,9 @@ class GreedySearch:
                     sizes=self.sizes(adapter, state.order, remaining), cost=StepCost())
         with engine.removed(state.order):
             outcome = greedy_step(scorer, step, engine) if self.iterative else one_shot(scorer, step, engine)
-        return outcome, step_record(step.cost, engine, len(remaining), scorer, time.perf_counter() - started)
+        plain = len(remaining) if scorer.loss else 1  # the official loop scores every block
+        seconds = time.perf_counter() - started
+        return outcome, step.cost.record(plain, engine.num_layers, engine.num_seq, seconds, scorer.impl)
 
     def sizes(self, adapter: ModelAdapter, order: list[Block], remaining: list[Block]) -> dict[Block, int]:
         """Parameters each remaining block would remove after `order` (nll_per_param only), counted on the
