@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -276,6 +277,26 @@ def test_interrupted_search_resumes_from_last_step() -> None:
     assert resumed.info["removal_order"] == reference
     cache_file = resumed.info["cache"]["path"]
     assert json.loads(open(cache_file).read())["order"] == reference
+
+
+def test_cache_file_name_and_layout_stay_readable() -> None:
+    """Caches written before the search became a recipe resume: the file is named by the first 20 hex digits
+    of the sha256 of its key as sorted JSON, keeps its field names, and loads without ``step_total`` (the
+    oldest layout)."""
+    model, calib = tiny_model("qwen2"), _calib(seed=11)
+    first = _prune(BlockPruner(num_blocks=1), model, calib).info
+    key, path = first["cache"]["key"], first["cache"]["path"]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    assert path.endswith(os.path.join("blockpruner", f"{digest}.json"))
+    stored = json.loads(open(path).read())
+    fields = {"key", "order", "step_ppl", "step_total", "steps", "hints", "complete", "dense_ppl"}
+    assert set(stored) == fields
+    del stored["step_total"]
+    with open(path, "w") as f:
+        f.write(json.dumps(stored, indent=1))
+    resumed = _prune(BlockPruner(num_blocks=2), model, calib).info
+    assert resumed["steps_reused"] == 1 and resumed["steps_searched"] == 1
+    assert resumed["removal_order"][:1] == first["removal_order"]
 
 
 # --------------------------------------------------------------------------------------------- surgery

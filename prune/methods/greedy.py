@@ -285,7 +285,7 @@ class GreedySearch:
         started = time.perf_counter()
         step = Step(remaining, {c: n for n, c in enumerate(self.candidates)}, self.score, state.hints,
                     on_dense_model=not state.order,
-                    current_total=state.step_total[-1] if state.order else None,
+                    current_total=state.step_total[-1] if state.order and state.step_total else None,
                     sizes=self.sizes(adapter, state.order, remaining), cost=StepCost())
         with engine.removed(state.order):
             outcome = greedy_step(scorer, step, engine) if self.iterative else one_shot(scorer, step, engine)
