@@ -30,10 +30,9 @@ per sequence. Where its speed comes from (the step is ``FastScorer.best``):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -91,7 +90,7 @@ class StepCost:
     def record(self, plain: int, num_layers: int, num_seq: int, seconds: float, impl: str) -> dict[str, Any]:
         """The step's record in the search state: these counts, what the official loop would have spent on
         the step (``plain`` evaluations of every layer and sequence), its time and scorer."""
-        return dataclasses.asdict(self) | {
+        return asdict(self) | {
             "plain_evaluations": plain, "plain_layer_passes": plain * num_layers * num_seq,
             "plain_sequence_passes": plain * num_seq, "seconds": seconds, "impl": impl}
 
