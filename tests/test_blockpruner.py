@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -278,17 +279,43 @@ def test_interrupted_search_resumes_from_last_step() -> None:
     assert json.loads(open(cache_file).read())["order"] == reference
 
 
+def test_cache_file_name_and_layout_stay_readable() -> None:
+    """Caches written before the search became a recipe resume: the file is named by the first 20 hex digits
+    of the sha256 of its key as sorted JSON, keeps its field names, and loads without ``step_total`` (the
+    oldest layout)."""
+    model, calib = tiny_model("qwen2"), _calib(seed=11)
+    first = _prune(BlockPruner(num_blocks=1), model, calib).info
+    key, path = first["cache"]["key"], first["cache"]["path"]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    assert path.endswith(os.path.join("blockpruner", f"{digest}.json"))
+    stored = json.loads(open(path).read())
+    fields = {"key", "order", "step_ppl", "step_total", "steps", "hints", "complete", "dense_ppl"}
+    assert set(stored) == fields
+    del stored["step_total"]
+    with open(path, "w") as f:
+        f.write(json.dumps(stored, indent=1))
+    resumed = _prune(BlockPruner(num_blocks=2), model, calib).info
+    assert resumed["steps_reused"] == 1 and resumed["steps_searched"] == 1
+    assert resumed["removal_order"][:1] == first["removal_order"]
+
+
 # --------------------------------------------------------------------------------------------- surgery
 
 
 ATTN, MLP = [0, 2, 3], [1, 3]  # layer 0's attention goes; layer 3 loses both blocks
 
 
-def test_sub_block_removal_is_real_and_exact(model) -> None:
+def _reference_and_copy(model) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """Inputs, the dense logits with the ATTN / MLP blocks zeroed (what removing them must give), and a copy
+    of the model to prune."""
     ids = random_ids(100)
     with torch.inference_mode():
         expected = _skip_blocks_logits(model, ATTN, MLP, ids)
-    pruned = copy.deepcopy(model)
+    return ids, expected, copy.deepcopy(model)
+
+
+def test_sub_block_removal_is_real_and_exact(model) -> None:
+    ids, expected, pruned = _reference_and_copy(model)
     adapter = adapter_for(pruned)
     before = count_params(adapter)["params/total"]
     removed = {id(p): p.numel() for m in blocks.removed_modules(adapter, ATTN, MLP) for p in m.parameters()}
@@ -308,10 +335,7 @@ def test_sub_block_removal_is_real_and_exact(model) -> None:
 
 def test_plan_drops_layers_without_blocks_and_renumbers(model) -> None:
     """A plan drops layer 3 whole and sub-blocks elsewhere; the config records post-drop indices."""
-    ids = random_ids(100)
-    with torch.inference_mode():
-        expected = _skip_blocks_logits(model, ATTN, MLP, ids)
-    pruned = copy.deepcopy(model)
+    ids, expected, pruned = _reference_and_copy(model)
     adapter = adapter_for(pruned)
     plan = PrunePlan("blockpruner", 0.0, "params", drop_layers=[3], drop_attn=[0, 2], drop_mlp=[1])
     surgery.apply(adapter, plan)

@@ -12,7 +12,8 @@ import prune.methods
 from prune.methods import PruningMethod
 from tests.conftest import CONF, compose_config
 
-HELPERS = {"layer_common", "block_search", "training"}  # modules of prune/methods that are not methods
+# modules of prune/methods that are not methods
+HELPERS = {"layer_common", "block_search", "block_scorers", "greedy", "training"}
 METHOD_YAMLS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 MODEL_YAMLS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("_"))
 

@@ -57,7 +57,8 @@ def test_export_reloads_identical(tiny, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     ids = random_ids(100)
     with torch.inference_mode():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, model(ids).logits)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_config_composes() -> None:

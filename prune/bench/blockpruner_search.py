@@ -87,5 +87,5 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(message)s", stream=sys.stderr)  # per-step progress on stderr
-    logging.getLogger("prune.methods.blockpruner").setLevel(logging.INFO)
+    logging.getLogger("prune.methods.greedy").setLevel(logging.INFO)  # the search logs its steps
     print(json.dumps(main(sys.argv[1:]), indent=2))

@@ -1,10 +1,10 @@
-"""The passes behind BlockPruner's greedy search (`prune.methods.blockpruner`; SLEB reuses it): a full
+"""The passes behind the greedy block search (`prune.methods.greedy`; BlockPruner and SLEB): a full
 calibration pass of the model as it stands (plain search), and cached-prefix, layer-by-layer passes with loss
-bounds (fast search).
+bounds (fast search). The scorers that drive them live in `prune.methods.block_scorers`.
 
 The fast search is exact: ``search_impl=fast`` selects what ``search_impl=plain`` (the official loop, one
 full forward pass per candidate) selects, and both compute every complete score with the same arithmetic
-per sequence. Where its speed comes from (the step loop is ``BlockPruner._fast_step``):
+per sequence. Where its speed comes from (the step is ``FastScorer.best``):
 - The hidden state entering every layer is cached once per step for every calibration batch (forward
   pre-hooks). A candidate at layer i runs the model's own forward with layers < i swapped for a stub that
   outputs the cached state, so masks and position embeddings come from HF and only layers i..L-1 and the
@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,7 +43,18 @@ from prune.eval.nll import hidden_nll, likely_token_sets, nll_lower_bound, subse
 from prune.models import blocks
 from prune.models.adapter import ModelAdapter
 
-Block = tuple[str, int]  # ("mha" | "mlp" | "layer", dense layer index)
+
+class Block(NamedTuple):
+    """A candidate of the greedy search: one sub-layer block, or a whole layer (``unit=layer``)."""
+
+    kind: str  # "mha" | "mlp" | "layer"
+    layer: int  # its dense layer index
+
+    @property
+    def name(self) -> str:
+        """``kind:layer``, how the search state's hints name it."""
+        return f"{self.kind}:{self.layer}"
+
 
 # Vocabulary subset of the loss lower bound: the targets and the tokens of most probability mass under the
 # current model (8% of SmolLM2's LM head, 12.5% of Llama-2's). Measured on the reference model (2 x 64 Alpaca
@@ -60,6 +72,27 @@ def mask_sets(removed: list[Block]) -> tuple[set[int], set[int]]:
     """(layers without attention, layers without MLP) for a set of removed blocks."""
     attn = {i for kind, i in removed if kind in ("mha", "layer")}
     return attn, {i for kind, i in removed if kind in ("mlp", "layer")}
+
+
+@dataclass
+class StepCost:
+    """The work of one greedy step, counted by the passes below (a step's record in the search state)."""
+
+    evaluations: int = 0  # candidates scored, stopped ones included
+    completed: int = 0  # ... scored to the end (exact sums)
+    aborted: int = 0  # ... stopped once a bound lost
+    bound_stops: int = 0  # stops by a vocabulary-subset bound, before or instead of a full LM head
+    full_heads: int = 0  # candidates whose full LM heads ran
+    layer_passes: int = 0  # decoder layer x sequence forwards of the scoring
+    sequence_passes: int = 0  # sequences run through (part of) the decoder
+    cache_layer_passes: int = 0  # layer x sequence forwards that (re)built the cached layer inputs
+
+    def record(self, plain: int, num_layers: int, num_seq: int, seconds: float, impl: str) -> dict[str, Any]:
+        """The step's record in the search state: these counts, what the official loop would have spent on
+        the step (``plain`` evaluations of every layer and sequence), its time and scorer."""
+        return asdict(self) | {
+            "plain_evaluations": plain, "plain_layer_passes": plain * num_layers * num_seq,
+            "plain_sequence_passes": plain * num_seq, "seconds": seconds, "impl": impl}
 
 
 class _Replay(nn.Module):
@@ -165,10 +198,8 @@ class BlockSearch:
         if layer == 0:
             yield
             return
-        if hidden is None:
-            assert self.inputs is not None
-            hidden = self.inputs[b][layer]
-        assert hidden is not None
+        if hidden is None:  # invariant: `capture` cached the inputs of every layer a candidate starts at
+            hidden = self.inputs[b][layer]  # type: ignore[index]
         layers = self.adapter.layers()
         stub = _Replay(hidden.to(self.device), self.template)
         originals = [layers[k] for k in range(layer)]
@@ -224,13 +255,13 @@ class BlockSearch:
                 h.remove()
         return total if with_head else None
 
-    def ensure_inputs(self, stats: dict[str, Any]) -> float | None:
+    def ensure_inputs(self, cost: StepCost) -> float | None:
         """Build or refresh the cached layer inputs for the current model; a full build returns Σ terms."""
         if self.inputs is None:
-            stats["cache_layer_passes"] += self.num_layers * self.num_seq
+            cost.cache_layer_passes += self.num_layers * self.num_seq
             return self.capture(0, with_head=True)
         if self.stale_from is not None:
-            stats["cache_layer_passes"] += (self.num_layers - self.stale_from) * self.num_seq
+            cost.cache_layer_passes += (self.num_layers - self.stale_from) * self.num_seq
             self.capture(self.stale_from, with_head=False)
         return None
 
@@ -241,12 +272,12 @@ class BlockSearch:
         (the likely removals), as many as fit.
         """
         def cost(layer: int) -> int:  # every candidate below `layer` keeps one state entering it
-            return self.state_bytes() * sum(c[1] < layer for c in ranked)
+            return self.state_bytes() * sum(c.layer < layer for c in ranked)
 
         if sum(cost(g) for g in range(1, self.num_layers)) <= budget_bytes:
             return set(range(1, self.num_layers))
         kept: set[int] = set()
-        for layer in dict.fromkeys(c[1] for c in ranked):
+        for layer in dict.fromkeys(c.layer for c in ranked):
             if layer > 0 and sum(cost(g) for g in kept | {layer}) <= budget_bytes:
                 kept.add(layer)
         return kept
@@ -262,7 +293,7 @@ class BlockSearch:
         return [candidates[s : s + size] for s in range(0, len(candidates), size)]
 
     def decode(self, candidates: list[Block], beaten: Callable[[Block, float], bool] | None,
-               stats: dict[str, Any], keep: set[int]) -> tuple[dict[Block, list], dict[Block, list[float]]]:
+               cost: StepCost, keep: set[int]) -> tuple[dict[Block, list], dict[Block, list[float]]]:
         """Every candidate's final hidden states, batch by batch (`advance`), with loss lower bounds.
 
         After each batch a candidate whose summed bounds are already `beaten` is dropped (its states are not
@@ -274,16 +305,16 @@ class BlockSearch:
         for b in range(len(self.batches)):
             if not alive:
                 break
-            for c, final in self.advance(alive, b, keep, stats).items():
+            for c, final in self.advance(alive, b, keep, cost).items():
                 finals[c].append(final)
                 if bounded:
                     bounds[c].append(self.lower_bound(b, final))
-            stats["sequence_passes"] += len(alive) * len(self.batches[b][0])
+            cost.sequence_passes += len(alive) * len(self.batches[b][0])
             if bounded:
                 lost = [c for c in alive if beaten(c, sum(bounds[c]))]  # type: ignore[misc]
                 for c in lost:
                     del finals[c]
-                stats["bound_stops"] += len(lost)
+                cost.bound_stops += len(lost)
                 alive = [c for c in alive if c not in lost]
         return finals, bounds
 
@@ -302,7 +333,7 @@ class BlockSearch:
         return total, True
 
     def advance(self, candidates: list[Block], b: int, keep: set[int],
-                stats: dict[str, Any]) -> dict[Block, torch.Tensor]:
+                cost: StepCost) -> dict[Block, torch.Tensor]:
         """Run batch b through the decoder with each candidate removed; return their normed final states.
 
         A candidate starts at its own layer from the current model's cached input, or further on from its
@@ -312,14 +343,14 @@ class BlockSearch:
         layers are kept for the next step.
         """
         kept = {c: self.resume.setdefault(c, {}).setdefault(b, {}) for c in candidates}
-        start = {c: max(kept[c], default=c[1]) for c in candidates}
+        start = {c: max(kept[c], default=c.layer) for c in candidates}
         frontier: dict[Block, torch.Tensor] = {}
         for m in range(min(start.values()), self.num_layers):
-            frontier |= {c: kept[c][m] for c in candidates if start[c] == m > c[1]}
-            outputs = self.run_layer(m, b, frontier, stats) if frontier else {}
-            for c in [c for c in candidates if start[c] == m == c[1]]:  # its own layer, with c removed
+            frontier |= {c: kept[c][m] for c in candidates if start[c] == m > c.layer}
+            outputs = self.run_layer(m, b, frontier, cost) if frontier else {}
+            for c in [c for c in candidates if start[c] == m == c.layer]:  # its own layer, with c removed
                 with self.removed([c]):
-                    outputs |= self.run_layer(m, b, {c: None}, stats)
+                    outputs |= self.run_layer(m, b, {c: None}, cost)
             frontier = outputs
             if m + 1 in keep:
                 for c, state in frontier.items():
@@ -327,7 +358,7 @@ class BlockSearch:
         return frontier
 
     def run_layer(self, m: int, b: int, states: dict[Block, torch.Tensor | None],
-                  stats: dict[str, Any]) -> dict[Block, torch.Tensor]:
+                  cost: StepCost) -> dict[Block, torch.Tensor]:
         """The states leaving layer m for batch b, one per candidate (``None``: the current model's cached
         input of layer m); after the last layer, the normed final states at positions 0..T-2."""
         ids, last = self.batches[b][0], m == self.num_layers - 1
@@ -343,7 +374,7 @@ class BlockSearch:
                     out.append(final[:, :-1])
                 else:
                     out.append(self.layer_output(m, stack))
-            stats["layer_passes"] += len(stack)
+            cost.layer_passes += len(stack)
         return dict(zip(names, (out[0] if len(out) == 1 else torch.cat(out)).split(len(ids))))
 
     def layer_output(self, m: int, ids: torch.Tensor) -> torch.Tensor:
@@ -365,7 +396,7 @@ class BlockSearch:
         self.resume.pop(block, None)
         for per_batch in self.resume.values():
             for kept in per_batch.values():
-                for g in [g for g in kept if g > block[1]]:
+                for g in [g for g in kept if g > block.layer]:
                     del kept[g]
 
     def statistics(self, candidates: list[Block], statistic: Callable) -> dict[Block, float]:
@@ -384,7 +415,7 @@ class BlockSearch:
         def accumulate(c: Block) -> Callable:
             def hook(_m: nn.Module, _a: tuple, _k: dict, out: Any) -> None:
                 x, y = seen.pop(c), a.hidden(out)
-                y = y if c[0] == "layer" else x + y.view_as(x)
+                y = y if c.kind == "layer" else x + y.view_as(x)
                 d = x.shape[-1]
                 values = statistic(x.reshape(-1, d).float(), y.reshape(-1, d).float())
                 sums[c] += values.sum(dtype=torch.float64).cpu()
@@ -394,7 +425,7 @@ class BlockSearch:
                  "mlp": (a.mlp_norm, a.mlp_out)}
         handles = []
         for c in candidates:
-            site_in, site_out = (get(c[1]) for get in sites[c[0]])
+            site_in, site_out = (get(c.layer) for get in sites[c.kind])
             handles.append(site_in.register_forward_pre_hook(remember(c), with_kwargs=True))
             handles.append(site_out.register_forward_hook(accumulate(c), with_kwargs=True))
         try:
