@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 import prune.methods
 from prune.methods import PruningMethod
@@ -44,9 +45,9 @@ def test_every_model_composes_with_every_method(model: str) -> None:
 
 
 def test_paper_models_listed() -> None:
-    required = {"llama2_7b", "llama2_13b", "llama3_8b", "mistral_7b", "qwen1_5_7b", "baichuan2_7b", "opt_2_7b",
-                "opt_6_7b", "opt_13b", "phi_2", "smollm2_135m"} | {f"tiny_{f}" for f in
-                                                                    ["llama", "mistral", "qwen2", "qwen3", "opt", "phi"]}
+    required = {"llama2_7b", "llama2_13b", "llama3_8b", "mistral_7b", "qwen1_5_7b", "baichuan2_7b",
+                "opt_2_7b", "opt_6_7b", "opt_13b", "phi_2", "smollm2_135m"}
+    required |= {f"tiny_{f}" for f in ["llama", "mistral", "qwen2", "qwen3", "opt", "phi"]}
     assert required <= set(MODEL_YAMLS)
 
 
@@ -63,3 +64,50 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def test_every_experiment_composes(experiment: str) -> None:
     cfg = compose_config(f"experiment={experiment}")
     assert cfg.experiment_name == experiment
+
+
+# What each preset gives the methods that read it: the values every model resolved when the presets were flat
+# keys of the model configs (model.preset.disp_steps, ...; commit bcb9aea), so moving them changed nothing.
+METHOD_PRESET_KEYS = {
+    "disp": ("steps", "seqlen", "nsamples"),
+    "elder": ("stage1_lr", "stage1_steps_per_round", "stage2_steps", "batch_size", "grad_accum", "seqlen"),
+    "blockpruner": ("max_sequences", "max_seqlen"),
+    "sleb": ("max_sequences", "max_seqlen"),
+}
+PAPER = {"disp": (10000, 2048, None), "elder": (0.05, None, None, 1, 8, None), "blockpruner": (None, None),
+         "sleb": (None, None)}
+CPU = {"disp": (200, 256, None), "elder": (0.05, 3, 6, 2, 1, 256), "blockpruner": (4, 128), "sleb": (4, 128)}
+RESOLVED_BY_PRESET = {
+    ("model=smollm2_135m",): ("cpu", CPU),
+    ("model=tiny_llama",): ("tiny", {**PAPER, "disp": (20, 32, None)}),
+    ("scale=smoke",): ("smoke", {**PAPER, "disp": (2, 64, None), "elder": (0.05, 1, 1, 1, 1, 64)}),
+    ("model=llama2_7b",): (None, PAPER),
+    ("model=smollm2_135m", "model.preset=null"): (None, PAPER),   # the papers' full protocol
+    ("model=llama2_7b", "preset@model.preset=cpu"): ("cpu", CPU),   # any model takes any preset
+}
+
+
+@pytest.mark.parametrize("overrides", list(RESOLVED_BY_PRESET), ids=" ".join)
+def test_presets_resolve_the_method_settings_they_always_did(overrides: tuple[str, ...]) -> None:
+    name, expected = RESOLVED_BY_PRESET[overrides]
+    for method, keys in METHOD_PRESET_KEYS.items():
+        cfg = compose_config(*overrides, f"method={method}")
+        assert (cfg.model.preset.name if cfg.model.preset else None) == name
+        assert tuple(cfg.method[key] for key in keys) == expected[method], method
+
+
+PRESET_YAMLS = sorted((CONF / "preset").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESET_YAMLS, ids=lambda p: p.stem)
+def test_every_preset_key_is_read_by_some_config(path: Path) -> None:
+    """A misspelt or orphaned preset key would be ignored silently: each must appear in an ${oc.select:}."""
+    readers = "\n".join(p.read_text() for p in CONF.rglob("*.yaml") if p.parent.name != "preset")
+    preset = OmegaConf.load(path)
+    assert preset.name == path.stem
+    for key, value in preset.items():
+        if key == "name":
+            continue
+        subkeys = [f"{key}.{sub}" for sub in value] if isinstance(value, DictConfig) else [key]
+        for dotted in subkeys:
+            assert f"model.preset.{dotted}," in readers, f"{path.name}: model.preset.{dotted} is read nowhere"
