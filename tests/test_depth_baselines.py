@@ -17,7 +17,8 @@ from tests.conftest import make_identity, random_ids
 
 
 def _calib(tokenizer, n: int = 2):
-    return build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=n, seqlen=64, source="bundled")
+    return build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=n, seqlen=64,
+                             source="bundled")
 
 
 def test_rdsc_merge_by_hand() -> None:
@@ -39,7 +40,8 @@ def test_shortened_llama_matrix(tiny, criterion: str, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     ids = random_ids(100)
     with torch.inference_mode():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, model(ids).logits)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_shortened_llama_ppl_picks_identity_layer(tiny) -> None:
@@ -56,7 +58,8 @@ def test_shortened_llama_ppl_picks_identity_layer(tiny) -> None:
 
 def test_taylor_plus_protects_first_and_last_blocks(tiny) -> None:
     adapter = adapter_for(tiny.model)
-    plan = ShortenedLlama(criterion="taylor", keep_first=1, keep_last=1).prune(adapter, _calib(tiny.tokenizer), 0.5)
+    method = ShortenedLlama(criterion="taylor", keep_first=1, keep_last=1)
+    plan = method.prune(adapter, _calib(tiny.tokenizer), 0.5)
     assert plan.info["plus_heuristic"] and set(plan.drop_layers) == {1, 2}
 
 
@@ -76,7 +79,8 @@ def test_laco_matrix_and_reload(tiny, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     ids = random_ids(100)
     with torch.inference_mode():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, model(ids).logits)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
     assert before  # the scan restored then re-applied merges; nothing else asserted here
 
 
