@@ -21,6 +21,16 @@ def _calib(tokenizer, n: int = 2):
                              source="bundled")
 
 
+def _assert_pruned_model_reloads(model, adapter, plan, folder) -> None:
+    """Apply the plan; the saved model reloads as a stock HF model with the same logits."""
+    surgery.apply(adapter, plan)
+    model.save_pretrained(folder)
+    ids = random_ids(100)
+    with torch.inference_mode():
+        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_rdsc_merge_by_hand() -> None:
     base, a, b = {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}, {"w": torch.tensor([5.0])}
     assert rdsc_merge(base, [a, b], "paper")["w"].item() == 1 + (3 - 1) + (5 - 1)  # 7
@@ -36,12 +46,7 @@ def test_shortened_llama_matrix(tiny, criterion: str, tmp_path) -> None:
     plan = method.prune(adapter, _calib(tiny.tokenizer), 0.25)
     assert len(plan.drop_layers) == 1 and len(plan.scores[criterion]) == 4
     assert all(p.grad is None for p in model.parameters())  # Taylor leaves no gradients behind
-    surgery.apply(adapter, plan)
-    model.save_pretrained(tmp_path)
-    ids = random_ids(100)
-    with torch.inference_mode():
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    _assert_pruned_model_reloads(model, adapter, plan, tmp_path)
 
 
 def test_shortened_llama_ppl_picks_identity_layer(tiny) -> None:
@@ -75,12 +80,7 @@ def test_laco_matrix_and_reload(tiny, tmp_path) -> None:
     if merge["base"] == 2:  # the merged base layer really carries θ_2 + (θ_3 − θ_2) = θ_3
         for n, p in adapter.layer(2).named_parameters():
             torch.testing.assert_close(p, dict(adapter.layer(3).named_parameters())[n])
-    surgery.apply(adapter, plan)
-    model.save_pretrained(tmp_path)
-    ids = random_ids(100)
-    with torch.inference_mode():
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    _assert_pruned_model_reloads(model, adapter, plan, tmp_path)
     assert before  # the scan restored then re-applied merges; nothing else asserted here
 
 

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.methods import WithOptions
+from prune.methods import WithOptions, require_calibration
 from prune.methods.training import Dist, Windows, calibration_pieces, live_log, masked_ce, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
@@ -141,74 +141,55 @@ def _at_least_one(hard: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DispOptions(Options):
-    """DISP-LLM's knobs (``conf/method/disp.yaml``).
+    """DISP-LLM's knobs (``conf/method/disp.yaml``); paper vs code choices as in the module docstring."""
 
-    Attributes:
-        lam: λ of the regulariser (paper 6, scripts 16).
-        binarizer: ``reinmax`` (paper) | ``gumbel`` (code: soft gates, hard ST sample for the regulariser).
-        offset: c added to the logits (3.0: every gate starts open). tau: ReinMax τ. temperature: Gumbel T.
-        ratio_params: ``all`` (every parameter, the paper's unit) | ``linear`` (decoder linear weights only).
-        final_mask: ``budget`` (one threshold on x + offset, chosen so T(s) meets the ratio) | ``threshold``
-            (x + offset > 0, i.e. σ(x + c) > 0.5) | ``sample`` (seeded, code-like). The first two are
-            deterministic.
-        steps: hypernetwork iterations (paper 10,000). seqlen: tokens per sequence (2048).
-        nsamples: use at most this many sequences (``None``: every piece of the calibration set).
-        lr, weight_decay: AdamW (constant lr 1e-3, 0.05).
-        bf16: autocast the LLM to bfloat16 on CUDA; ignored on CPU.
-        z_dim, hidden, shared_norm: hypernetwork shape (32, 64, per-structure norms).
-        checkpoint: save the hypernetwork (and optimiser) every ``checkpoint_every`` steps and at the end, and
-            resume from it; kept in ``checkpoint_dir`` (``None``: the cache) under a key of the model, the
-            calibration tokens, the ratio and every option that changes training.
-        log_every: steps between curve points (plan info, W&B). seed: z, init, noise and data order.
-        progress: tqdm progress bar (main process only).
-    """
-
-    lam: float = 6.0
+    lam: float = 6.0  # λ of the regulariser (paper 6, scripts 16)
+    # reinmax (paper) | gumbel (code: soft gates, a hard straight-through sample for the regulariser)
     binarizer: Literal["reinmax", "gumbel"] = "reinmax"
-    offset: float = 3.0
-    tau: float = bounded(1.0, gt=0)
-    temperature: float = bounded(0.4, gt=0)
-    ratio_params: Literal["all", "linear"] = "all"
+    offset: float = 3.0  # c added to the logits (3.0: every gate starts open)
+    tau: float = bounded(1.0, gt=0)  # ReinMax τ
+    temperature: float = bounded(0.4, gt=0)  # Gumbel-sigmoid T
+    ratio_params: Literal["all", "linear"] = "all"  # all (the paper's unit) | linear (decoder linear weights)
+    # budget (one threshold on x + offset, chosen so T(s) meets the ratio) | threshold (x + offset > 0, i.e.
+    # σ(x + c) > 0.5) | sample (seeded, code-like); the first two are deterministic
     final_mask: Literal["budget", "threshold", "sample"] = "budget"
-    steps: int = bounded(10000, ge=0)
-    seqlen: int | None = 2048
-    nsamples: int | None = None
-    lr: float = 1e-3
+    steps: int = bounded(10000, ge=0)  # hypernetwork iterations (paper 10,000)
+    seqlen: int | None = 2048  # tokens per sequence
+    nsamples: int | None = None  # use at most this many sequences (None: every piece of the calibration set)
+    lr: float = 1e-3  # AdamW, constant
     weight_decay: float = 0.05
-    bf16: bool = True
-    z_dim: int = bounded(32, ge=1)
-    hidden: int = bounded(64, ge=1)
+    bf16: bool = True  # autocast the LLM to bfloat16 on CUDA; ignored on CPU
+    z_dim: int = bounded(32, ge=1)  # hypernetwork shape: fixed input per structure, GRU size per direction,
+    hidden: int = bounded(64, ge=1)  # ... one LayerNorm per structure (paper) or one shared (code)
     shared_norm: bool = False
+    # save the hypernetwork (and optimiser) every checkpoint_every steps and at the end, and resume from it;
+    # kept in checkpoint_dir (None: the cache) under a key of the model, the calibration tokens, the ratio
+    # and every option that changes training
     checkpoint: bool = True
     checkpoint_every: int = bounded(500, ge=1)
     checkpoint_dir: str | None = None
-    log_every: int = bounded(10, ge=1)
-    seed: int = 0
-    progress: bool = True
+    log_every: int = bounded(10, ge=1)  # steps between curve points (plan info, W&B)
+    seed: int = 0  # z, initialisation, noise and data order
+    progress: bool = True  # tqdm progress bar (main process only)
 
     def recorded(self) -> dict[str, Any]:
-        """The options that shape the result (``plan.info["options"]``, the checkpoint key): not where or
-        how often it is saved, logged or shown, nor bf16."""
+        """The options ``plan.info["options"]`` records and (less steps and final_mask) the checkpoint key
+        holds: all but where and how often the run saves, logs and shows progress, and bf16 (never part of
+        them; adding it now would change every checkpoint's file name)."""
         return self.as_dict(exclude=("bf16", "checkpoint", "checkpoint_every", "checkpoint_dir", "log_every",
                                      "progress"))
 
 
-class Disp(WithOptions):
-    """DISP-LLM: hypernetwork-learned dimension-independent widths, physically pruned.
+class Disp(WithOptions[DispOptions]):
+    """DISP-LLM: hypernetwork-learned dimension-independent widths, physically pruned."""
 
-    Keyword arguments: the fields of `DispOptions`.
-    """
-
-    options_type = DispOptions
-    options: DispOptions
     ratio_unit = "params"
     needs_calibration = True
 
     # ---- the method ----------------------------------------------------------------------------------
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("disp needs calibration data; do not set calib=null")
+        calib = require_calibration("disp", calib)
         cost = WidthCost.of(adapter)
         self._check_reachable(cost, ratio)
         if ratio == 0:

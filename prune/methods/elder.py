@@ -70,7 +70,7 @@ from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
-from prune.methods import WithOptions
+from prune.methods import WithOptions, require_calibration
 from prune.methods.layer_common import ROUNDING, layers_to_remove
 from prune.methods.training import (
     Dist,
@@ -135,69 +135,48 @@ class LayerScales:
 
 @dataclass(frozen=True)
 class ElderOptions(Options):
-    """ELDeR/TRSP's knobs (``conf/method/elder.yaml``).
+    """ELDeR/TRSP's knobs (``conf/method/elder.yaml``); paper vs code choices as in the module docstring."""
 
-    Attributes:
-        lambda1: weight of the L1 term on the layer scalars (stage 1).
-        lambda2: weight of the I/O-difference term on the selected layers (stage 2).
-        reg_norm: ``l2`` (Frobenius, paper default) | ``l1`` (entrywise) norm of X_out − X_in per sequence.
-        iterative: mask one layer per round (paper); ``False`` is the "w/o W" ablation (one round, one shot).
-        stage2: run stage 2; ``False`` is the "w/o R" ablation.
-        stage1_trainable: ``scales`` (paper) | ``all`` (code: the model weights train in stage 1 too).
-        stage2_trainable: ``all`` (paper) | ``neighbours`` (memory-light deviation: only the layers of P and
-            the layers adjacent to them train; embeddings and head frozen).
-        scale_site: ``output`` (paper: S multiplies the whole output, residual included) | ``delta``
-            (deviation: S multiplies only what the layer adds, x + S·(Layer(x) − x)).
-        protect_first / protect_last: never select the first / last this many layers (code: 3 / 4).
-        labels: ``all`` next-token targets | ``last_token`` (the code's SLEB labels).
-        stage1_lr: AdamW lr of the scalars. stage1_weight_lr: lr of the weights when stage1_trainable=all.
-        stage2_lr: AdamW lr of stage 2. warmup_ratio, weight_decay: both stages' schedule and AdamW decay.
-        stage1_steps_per_round / stage2_steps: optimiser steps; ``None`` derives them from the epochs.
-        stage1_epochs_per_round / stage2_epochs: passes over the calibration windows when steps are ``None``.
-        batch_size: sequences per forward pass (micro-batch) and process.
-        grad_accum: micro-batches per optimiser step *in total*; under ``accelerate launch`` they are split
-            over the processes: the global batch (batch_size·grad_accum) does not depend on the process count.
-        seqlen: cut each calibration window into pieces of this many tokens (``None``: whole windows).
-        bf16: autocast to bfloat16 on CUDA (trainable weights kept in float32 meanwhile); ignored on CPU.
-        gradient_checkpointing: recompute decoder layers in the backward pass.
-        ce_chunk: positions per LM-head slice in the loss (slices are recomputed in the backward pass).
-        seed: order of the calibration windows.
-        progress: tqdm progress bars (main process only).
-        layers: extension, not in the paper: skip stage 1 and regularise and remove these layers (for example
-            another method's selection, to tell the selection's share from stage 2's); the ratio is ignored.
-        l1_form: ``split`` (paper: S = u − v, u, v ≥ 0 projected after each step, penalty Σ(u + v)) |
-            ``abs`` (code: Σ|S| by autograd's subgradient); see `LayerScales`.
-    """
-
-    lambda1: float = 5e-3
-    lambda2: float = 1e-3
-    reg_norm: Literal["l1", "l2"] = "l2"
-    iterative: bool = True
-    stage2: bool = True
-    stage1_trainable: Literal["scales", "all"] = "scales"
+    lambda1: float = 5e-3  # weight of the L1 term on the layer scalars (stage 1)
+    lambda2: float = 1e-3  # weight of the I/O-difference term on the selected layers (stage 2)
+    reg_norm: Literal["l1", "l2"] = "l2"  # l2 (Frobenius, paper) | l1 (entrywise) of each X_out − X_in
+    iterative: bool = True  # mask one layer per round (paper); False: the "w/o W" ablation, one shot
+    stage2: bool = True  # False: the "w/o R" ablation
+    stage1_trainable: Literal["scales", "all"] = "scales"  # all: the code, model weights train in stage 1 too
+    # all (paper) | neighbours (memory-light deviation: only the layers of P and their neighbours train;
+    # embeddings and head frozen)
     stage2_trainable: Literal["all", "neighbours"] = "all"
+    # output (paper: S multiplies the whole output, residual included) | delta (deviation: S multiplies only
+    # what the layer adds, x + S·(Layer(x) − x))
     scale_site: Literal["output", "delta"] = "output"
-    protect_first: int = bounded(0, ge=0)
-    protect_last: int = bounded(0, ge=0)
-    labels: Literal["all", "last_token"] = "all"
-    stage1_lr: float = 5e-2
-    stage1_weight_lr: float = 2e-5
-    stage2_lr: float = 2e-5
-    warmup_ratio: float = bounded(0.03, ge=0, le=1)
-    weight_decay: float = 0.0
+    protect_first: int = bounded(0, ge=0)  # never select the first this many layers (code: 3)
+    protect_last: int = bounded(0, ge=0)  # never select the last this many layers (code: 4)
+    labels: Literal["all", "last_token"] = "all"  # all next-token targets | last_token (code: SLEB's labels)
+    stage1_lr: float = 5e-2  # AdamW lr of the scalars
+    stage1_weight_lr: float = 2e-5  # lr of the weights when stage1_trainable=all
+    stage2_lr: float = 2e-5  # AdamW lr of stage 2
+    warmup_ratio: float = bounded(0.03, ge=0, le=1)  # both stages' linear schedule
+    weight_decay: float = 0.0  # both stages' AdamW decay
+    # optimiser steps; None derives them from the epochs (passes over the calibration windows)
     stage1_steps_per_round: int | None = bounded(None, ge=0)
     stage1_epochs_per_round: float = 1.0
     stage2_steps: int | None = bounded(None, ge=0)
     stage2_epochs: float = 1.0
-    batch_size: int = bounded(1, ge=1)
+    batch_size: int = bounded(1, ge=1)  # sequences per forward pass (micro-batch) and process
+    # micro-batches per optimiser step *in total*: under ``accelerate launch`` they are split over the
+    # processes, so the global batch (batch_size·grad_accum) does not depend on the process count
     grad_accum: int = bounded(8, ge=1)
-    seqlen: int | None = None
-    bf16: bool = True
-    gradient_checkpointing: bool = False
-    ce_chunk: int = bounded(1024, ge=1)
-    seed: int = 0
-    progress: bool = True
+    seqlen: int | None = None  # cut each calibration window into pieces of this many tokens (None: whole)
+    bf16: bool = True  # autocast to bfloat16 on CUDA (trainable weights in float32 meanwhile); not on CPU
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward pass
+    ce_chunk: int = bounded(1024, ge=1)  # positions per LM-head slice in the loss (recomputed in backward)
+    seed: int = 0  # order of the calibration windows
+    progress: bool = True  # tqdm progress bars (main process only)
+    # extension, not in the paper: skip stage 1 and regularise and remove these layers (e.g. another
+    # method's selection, to tell the selection's share from stage 2's); the ratio is ignored
     layers: list[int] | None = None
+    # split (paper: S = u − v, u, v ≥ 0 projected after each step, penalty Σ(u + v)) | abs (code: Σ|S| by
+    # autograd's subgradient); see `LayerScales`
     l1_form: Literal["split", "abs"] = "split"
 
     @property
@@ -211,20 +190,15 @@ class ElderOptions(Options):
         return self.batch_size * self.grad_accum
 
 
-class Elder(WithOptions):
-    """ELDeR/TRSP layer pruning: iterative L1-regularised layer weights, then I/O-difference regularisation.
+class Elder(WithOptions[ElderOptions]):
+    """ELDeR/TRSP layer pruning: iterative L1-regularised layer weights, then I/O-difference
+    regularisation."""
 
-    Keyword arguments: the fields of `ElderOptions`.
-    """
-
-    options_type = ElderOptions
-    options: ElderOptions
     ratio_unit = "layers"
     needs_calibration = True
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("elder needs calibration data; do not set calib=null")
+        calib = require_calibration("elder", calib)
         o = self.options
         num_layers = adapter.num_layers()
         n, candidates = self._selectable(ratio, num_layers)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
-from prune.methods import WithOptions
+from prune.methods import WithOptions, require_calibration
 from prune.methods.layer_common import ROUNDING, layers_to_remove
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import skip_layers
@@ -91,20 +91,14 @@ class LacoOptions(Options):
     search_steps: int = bounded(12, ge=0)
 
 
-class LaCo(WithOptions):
-    """Layer collapse by RDSC merges accepted on final-hidden-state similarity.
+class LaCo(WithOptions[LacoOptions]):
+    """Layer collapse by RDSC merges accepted on final-hidden-state similarity."""
 
-    Keyword arguments: the fields of `LacoOptions`.
-    """
-
-    options_type = LacoOptions
-    options: LacoOptions
     ratio_unit = "layers"
     needs_calibration = True
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("laco needs calibration data; do not set calib=null")
+        calib = require_calibration("laco", calib)
         target = layers_to_remove(ratio, adapter.num_layers())
         o = self.options
         sentences = calib.input_ids[: o.n_sentences, : o.sentence_tokens]

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
-from prune.methods import WithOptions
+from prune.methods import WithOptions, require_calibration
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io
 from prune.options import Options, bounded
@@ -71,8 +71,7 @@ def lowest(scores: list[float], n: int) -> list[int]:
 def one_shot_plan(method: str, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float,
                   statistic: TokenStatistic, score_name: str, batch_size: int = 1) -> PrunePlan:
     """Score every layer once with `statistic` and remove the ⌈ratio·L⌉ lowest (ShortGPT's procedure)."""
-    if calib is None:
-        raise PruneError(f"{method} needs calibration data; do not set calib=null")
+    calib = require_calibration(method, calib)
     n = layers_to_remove(ratio, adapter.num_layers())
     scores = mean_layer_statistic(adapter, calib, statistic, batch_size)
     return PrunePlan(method=method, ratio=ratio, ratio_unit="layers", drop_layers=lowest(scores, n),
@@ -90,15 +89,10 @@ class LayerRankingOptions(Options):
     batch_size: int = bounded(1, ge=1)
 
 
-class OneShotLayerRanking(WithOptions):
+class OneShotLayerRanking(WithOptions[LayerRankingOptions]):
     """Score every layer once with a per-token statistic and remove the ⌈ratio·L⌉ lowest (ShortGPT's
-    procedure); subclasses set `name`, `score_name` and `statistic`.
+    procedure); subclasses set `name`, `score_name` and `statistic`."""
 
-    Keyword arguments: the fields of `LayerRankingOptions`.
-    """
-
-    options_type = LayerRankingOptions
-    options: LayerRankingOptions
     name: str
     score_name: str
     statistic: staticmethod

@@ -25,11 +25,9 @@ class RandomLayersOptions(Options):
     seed: int = 0
 
 
-class RandomLayers(WithOptions):
-    """Remove a seeded random set of layers. Keyword arguments: the fields of `RandomLayersOptions`."""
+class RandomLayers(WithOptions[RandomLayersOptions]):
+    """Remove a seeded random set of layers."""
 
-    options_type = RandomLayersOptions
-    options: RandomLayersOptions
     ratio_unit = "layers"
     needs_calibration = False
 

@@ -28,9 +28,8 @@ import torch
 from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
-from prune.errors import PruneError
 from prune.eval.nll import sequence_nll
-from prune.methods import WithOptions
+from prune.methods import WithOptions, require_calibration
 from prune.methods.layer_common import ROUNDING, layers_to_remove
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import skip_layers
@@ -67,20 +66,14 @@ class ShortenedLlamaOptions(Options):
         return self.criterion == "taylor" if self.plus_heuristic is None else self.plus_heuristic
 
 
-class ShortenedLlama(WithOptions):
-    """One-shot block removal by PPL or Taylor+ importance.
+class ShortenedLlama(WithOptions[ShortenedLlamaOptions]):
+    """One-shot block removal by PPL or Taylor+ importance."""
 
-    Keyword arguments: the fields of `ShortenedLlamaOptions`.
-    """
-
-    options_type = ShortenedLlamaOptions
-    options: ShortenedLlamaOptions
     ratio_unit = "layers"
     needs_calibration = True
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("shortened_llama needs calibration data; do not set calib=null")
+        calib = require_calibration("shortened_llama", calib)
         o = self.options
         calib = calib.limited(o.max_sequences, o.max_seqlen)
         n_layers = adapter.num_layers()
