@@ -17,7 +17,18 @@ from tests.conftest import make_identity, random_ids
 
 
 def _calib(tokenizer, n: int = 2):
-    return build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=n, seqlen=64, source="bundled")
+    return build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=n, seqlen=64,
+                             source="bundled")
+
+
+def _assert_pruned_model_reloads(model, adapter, plan, folder) -> None:
+    """Apply the plan; the saved model reloads as a stock HF model with the same logits."""
+    surgery.apply(adapter, plan)
+    model.save_pretrained(folder)
+    ids = random_ids(100)
+    with torch.inference_mode():
+        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_rdsc_merge_by_hand() -> None:
@@ -35,11 +46,7 @@ def test_shortened_llama_matrix(tiny, criterion: str, tmp_path) -> None:
     plan = method.prune(adapter, _calib(tiny.tokenizer), 0.25)
     assert len(plan.drop_layers) == 1 and len(plan.scores[criterion]) == 4
     assert all(p.grad is None for p in model.parameters())  # Taylor leaves no gradients behind
-    surgery.apply(adapter, plan)
-    model.save_pretrained(tmp_path)
-    ids = random_ids(100)
-    with torch.inference_mode():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, model(ids).logits)
+    _assert_pruned_model_reloads(model, adapter, plan, tmp_path)
 
 
 def test_shortened_llama_ppl_picks_identity_layer(tiny) -> None:
@@ -56,7 +63,8 @@ def test_shortened_llama_ppl_picks_identity_layer(tiny) -> None:
 
 def test_taylor_plus_protects_first_and_last_blocks(tiny) -> None:
     adapter = adapter_for(tiny.model)
-    plan = ShortenedLlama(criterion="taylor", keep_first=1, keep_last=1).prune(adapter, _calib(tiny.tokenizer), 0.5)
+    method = ShortenedLlama(criterion="taylor", keep_first=1, keep_last=1)
+    plan = method.prune(adapter, _calib(tiny.tokenizer), 0.5)
     assert plan.info["plus_heuristic"] and set(plan.drop_layers) == {1, 2}
 
 
@@ -72,11 +80,7 @@ def test_laco_matrix_and_reload(tiny, tmp_path) -> None:
     if merge["base"] == 2:  # the merged base layer really carries θ_2 + (θ_3 − θ_2) = θ_3
         for n, p in adapter.layer(2).named_parameters():
             torch.testing.assert_close(p, dict(adapter.layer(3).named_parameters())[n])
-    surgery.apply(adapter, plan)
-    model.save_pretrained(tmp_path)
-    ids = random_ids(100)
-    with torch.inference_mode():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits, model(ids).logits)
+    _assert_pruned_model_reloads(model, adapter, plan, tmp_path)
     assert before  # the scan restored then re-applied merges; nothing else asserted here
 
 

@@ -21,7 +21,8 @@ LAYER_METHODS = ["shortgpt", "relative_magnitude", "last_layers", "random_layers
 
 
 def _calib(tokenizer):
-    return build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=2, seqlen=64, source="bundled")
+    return build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=2, seqlen=64,
+                             source="bundled")
 
 
 @pytest.mark.parametrize("method_name", ["dense", *LAYER_METHODS])

@@ -30,7 +30,6 @@ DEFAULTS = ["method=elder", "ratio=0.25", "logger=none", "method.progress=false"
 
 
 def worker(out: Path, overrides: list[str]) -> None:
-    import torch
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from transformers import set_seed

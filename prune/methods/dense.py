@@ -14,4 +14,5 @@ class Dense:
     needs_calibration = False
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        return PrunePlan(method="dense", ratio=0.0, ratio_unit=self.ratio_unit, info={"requested_ratio": ratio})
+        return PrunePlan(method="dense", ratio=0.0, ratio_unit=self.ratio_unit,
+                         info={"requested_ratio": ratio})

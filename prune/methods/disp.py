@@ -43,14 +43,12 @@ NOTE(faithfulness), paper vs code vs here:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +58,14 @@ from tqdm import tqdm
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
-from prune.methods.training import Dist, Windows, live_log, masked_ce, training_mode
+from prune.methods import WithOptions, require_calibration
+from prune.methods.training import Dist, Windows, calibration_pieces, live_log, masked_ce, training_mode
 from prune.models.adapter import ModelAdapter
 from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
+from prune.options import Options, bounded
 from prune.paths import cache_dir
 from prune.provenance import model_fingerprint
+from prune.store import KeyedFile
 from prune.types import PrunePlan
 
 log = logging.getLogger(__name__)
@@ -138,71 +139,68 @@ def _at_least_one(hard: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return hard
 
 
-class Disp:
-    """DISP-LLM: hypernetwork-learned dimension-independent widths, physically pruned.
+@dataclass(frozen=True)
+class DispOptions(Options):
+    """DISP-LLM's knobs (``conf/method/disp.yaml``); paper vs code choices as in the module docstring."""
 
-    Args:
-        lam: λ of the regulariser (paper 6, scripts 16).
-        binarizer: ``reinmax`` (paper) | ``gumbel`` (code: soft gates, hard ST sample for the regulariser).
-        offset: c added to the logits (3.0: every gate starts open). tau: ReinMax τ. temperature: Gumbel T.
-        ratio_params: ``all`` (every parameter, the paper's unit) | ``linear`` (decoder linear weights only).
-        final_mask: ``budget`` (one threshold on x + offset, chosen so T(s) meets the ratio) | ``threshold``
-            (x + offset > 0, i.e. σ(x + c) > 0.5) | ``sample`` (seeded, code-like). The first two are
-            deterministic.
-        steps: hypernetwork iterations (paper 10,000). seqlen: tokens per sequence (2048).
-        nsamples: use at most this many sequences (``None``: every piece of the calibration set).
-        lr, weight_decay: AdamW (constant lr 1e-3, 0.05).
-        bf16: autocast the LLM to bfloat16 on CUDA; ignored on CPU.
-        z_dim, hidden, shared_norm: hypernetwork shape (32, 64, per-structure norms).
-        checkpoint: save the hypernetwork (and optimiser) every ``checkpoint_every`` steps and at the end, and
-            resume from it; kept in ``checkpoint_dir`` (``None``: the cache) under a key of the model, the
-            calibration tokens, the ratio and every option that changes training.
-        log_every: steps between curve points (plan info, W&B). seed: z, init, noise and data order.
-        progress: tqdm progress bar (main process only).
-    """
+    lam: float = 6.0  # λ of the regulariser (paper 6, scripts 16)
+    # reinmax (paper) | gumbel (code: soft gates, a hard straight-through sample for the regulariser)
+    binarizer: Literal["reinmax", "gumbel"] = "reinmax"
+    offset: float = 3.0  # c added to the logits (3.0: every gate starts open)
+    tau: float = bounded(1.0, gt=0)  # ReinMax τ
+    temperature: float = bounded(0.4, gt=0)  # Gumbel-sigmoid T
+    ratio_params: Literal["all", "linear"] = "all"  # all (the paper's unit) | linear (decoder linear weights)
+    # budget (one threshold on x + offset, chosen so T(s) meets the ratio) | threshold (x + offset > 0, i.e.
+    # σ(x + c) > 0.5) | sample (seeded, code-like); the first two are deterministic
+    final_mask: Literal["budget", "threshold", "sample"] = "budget"
+    steps: int = bounded(10000, ge=0)  # hypernetwork iterations (paper 10,000)
+    seqlen: int | None = 2048  # tokens per sequence
+    nsamples: int | None = None  # use at most this many sequences (None: every piece of the calibration set)
+    lr: float = 1e-3  # AdamW, constant
+    weight_decay: float = 0.05
+    bf16: bool = True  # autocast the LLM to bfloat16 on CUDA; ignored on CPU
+    z_dim: int = bounded(32, ge=1)  # hypernetwork shape: fixed input per structure, GRU size per direction,
+    hidden: int = bounded(64, ge=1)  # ... one LayerNorm per structure (paper) or one shared (code)
+    shared_norm: bool = False
+    # save the hypernetwork (and optimiser) every checkpoint_every steps and at the end, and resume from it;
+    # kept in checkpoint_dir (None: the cache) under a key of the model, the calibration tokens, the ratio
+    # and every option that changes training
+    checkpoint: bool = True
+    checkpoint_every: int = bounded(500, ge=1)
+    checkpoint_dir: str | None = None
+    log_every: int = bounded(10, ge=1)  # steps between curve points (plan info, W&B)
+    seed: int = 0  # z, initialisation, noise and data order
+    progress: bool = True  # tqdm progress bar (main process only)
+
+    def recorded(self) -> dict[str, Any]:
+        """The options ``plan.info["options"]`` records and (less steps and final_mask) the checkpoint key
+        holds: all but where and how often the run saves, logs and shows progress, and bf16 (never part of
+        them; adding it now would change every checkpoint's file name)."""
+        return self.as_dict(exclude=("bf16", "checkpoint", "checkpoint_every", "checkpoint_dir", "log_every",
+                                     "progress"))
+
+
+class Disp(WithOptions[DispOptions]):
+    """DISP-LLM: hypernetwork-learned dimension-independent widths, physically pruned."""
 
     ratio_unit = "params"
     needs_calibration = True
 
-    def __init__(
-        self, lam: float = 6.0, binarizer: str = "reinmax", offset: float = 3.0, tau: float = 1.0,
-        temperature: float = 0.4, ratio_params: str = "all", final_mask: str = "budget", steps: int = 10000,
-        seqlen: int | None = 2048, nsamples: int | None = None, lr: float = 1e-3, weight_decay: float = 0.05,
-        bf16: bool = True, z_dim: int = 32, hidden: int = 64, shared_norm: bool = False,
-        checkpoint: bool = True, checkpoint_every: int = 500, checkpoint_dir: str | None = None,
-        log_every: int = 10, seed: int = 0, progress: bool = True,
-    ) -> None:
-        for name, value, allowed in [("binarizer", binarizer, ("reinmax", "gumbel")),
-                                     ("ratio_params", ratio_params, ("all", "linear")),
-                                     ("final_mask", final_mask, ("budget", "threshold", "sample"))]:
-            if value not in allowed:
-                raise PruneError(f"method.{name}={value} is not one of {', '.join(allowed)}")
-        if steps < 0 or log_every < 1 or checkpoint_every < 1:
-            raise PruneError("method.steps must be >= 0, method.log_every and method.checkpoint_every >= 1")
-        self.lam, self.binarizer, self.offset, self.tau = lam, binarizer, offset, tau
-        self.temperature = temperature
-        self.ratio_params, self.final_mask, self.steps, self.seqlen = ratio_params, final_mask, steps, seqlen
-        self.nsamples, self.lr, self.weight_decay, self.bf16 = nsamples, lr, weight_decay, bf16
-        self.z_dim, self.hidden, self.shared_norm = z_dim, hidden, shared_norm
-        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
-        self.checkpoint_dir = checkpoint_dir
-        self.log_every, self.seed, self.progress = log_every, seed, progress
-
     # ---- the method ----------------------------------------------------------------------------------
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("disp needs calibration data; do not set calib=null")
+        calib = require_calibration("disp", calib)
         cost = WidthCost.of(adapter)
         self._check_reachable(cost, ratio)
         if ratio == 0:
             return PrunePlan(method="disp", ratio=ratio, ratio_unit=self.ratio_unit, info={"achieved": {}})
+        o = self.options
         dist = Dist.create(adapter.model)
         device = dist.device(adapter.model)
         with torch.random.fork_rng(devices=[]):  # the same initial hypernetwork on every process
-            torch.manual_seed(self.seed)
-            hn = HyperNetwork([w for ws in cost.widths for w in ws], self.z_dim, self.hidden, self.seed,
-                              self.shared_norm).to(device)
+            torch.manual_seed(o.seed)
+            hn = HyperNetwork([w for ws in cost.widths for w in ws], o.z_dim, o.hidden, o.seed,
+                              o.shared_norm).to(device)
         ckpt = self._checkpoint(adapter, calib, ratio)
         t0 = time.perf_counter()
         with training_mode(adapter.model, gradient_checkpointing=False):
@@ -214,12 +212,12 @@ class Disp:
         sizes = _sizes(masks, len(cost.widths))
         achieved = achieved_ratios(cost, sizes)
         log.info("disp: removed %.4f of all parameters, %.4f of the decoder linear weights (target %.4f, %s)",
-                 achieved["all"], achieved["linear"], ratio, self.ratio_params)
+                 achieved["all"], achieved["linear"], ratio, o.ratio_params)
         info = train | {
-            "achieved": achieved, "achieved_ratio": achieved[self.ratio_params], "kept_widths": sizes,
+            "achieved": achieved, "achieved_ratio": achieved[o.ratio_params], "kept_widths": sizes,
             "dense_widths": cost.widths, "T_total": {"all": cost.total, "linear": cost.linear_total},
             "final_threshold": tau, "p_kept": 1 - ratio, "time_train_s": time.perf_counter() - t0,
-            "processes": dist.n, "options": self._options(), "checkpoint": str(ckpt[0]) if ckpt[0] else None,
+            "processes": dist.n, "options": o.recorded(), "checkpoint": str(ckpt.path) if ckpt else None,
         }
         kept = [cost.count([s], True) / cost.count([w], True) for s, w in zip(sizes, cost.widths)]
         return PrunePlan(method="disp", ratio=ratio, ratio_unit=self.ratio_unit, keep_dims=keep,
@@ -227,8 +225,9 @@ class Disp:
 
     def _reached_target(self, curves: dict[str, list[float]], ratio: float) -> dict[str, Any]:
         """Whether training itself reached the ratio: the removed fraction of the last sampled masks within
-        TARGET_TOLERANCE of it. If not, the budget threshold still meets the ratio exactly, but it ranks logits
-        that barely moved from their start (every gate open), so the widths say little about the method."""
+        TARGET_TOLERANCE of it. If not, the budget threshold still meets the ratio exactly, but it ranks
+        logits that barely moved from their start (every gate open), so the widths say little about the
+        method."""
         if not curves.get("removed_frac_sampled"):
             return {}
         last = curves["removed_frac_sampled"][-TARGET_POINTS:]
@@ -238,56 +237,53 @@ class Disp:
             log.warning("disp: after %d steps the hypernetwork's sampled masks remove %.3f of %s parameters, "
                         "target %.3f: training has not reached the ratio and the final masks are mostly the "
                         "threshold's doing; raise method.steps (paper 10,000)",
-                        curves["step"][-1], trained, self.ratio_params, ratio)
+                        curves["step"][-1], trained, self.options.ratio_params, ratio)
         return {"trained_removed_frac": trained, "reached_target": reached}
 
     def _check_reachable(self, cost: WidthCost, ratio: float) -> None:
         if not 0 <= ratio < 1:
             raise PruneError(f"ratio={ratio} must be in [0, 1)")
-        linear = self.ratio_params == "linear"
+        unit = self.options.ratio_params
+        linear = unit == "linear"
         floor = cost.count([[1] * 5 for _ in cost.widths], linear) / cost.dense_total(linear)
         if 1 - ratio < floor:
             raise PruneError(
-                f"ratio={ratio} of {self.ratio_params} parameters is unreachable: one index per structure "
+                f"ratio={ratio} of {unit} parameters is unreachable: one index per structure "
                 f"already keeps {floor:.4f} (embeddings, head and norms are never pruned); at most "
                 f"{1 - floor:.4f} can be removed (or use method.ratio_params=linear)")
-
-    def _options(self) -> dict[str, Any]:
-        keys = ("lam", "binarizer", "offset", "tau", "temperature", "ratio_params", "final_mask", "steps",
-                "seqlen", "nsamples", "lr", "weight_decay", "z_dim", "hidden", "shared_norm", "seed")
-        return {k: getattr(self, k) for k in keys}
 
     # ---- training -------------------------------------------------------------------------------------
 
     def _sample(self, logits: list[torch.Tensor], gen: torch.Generator
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(gates the LLM sees, gates the regulariser counts)."""
-        if self.binarizer == "reinmax":
-            gates = [reinmax(x, self.offset, self.tau, gen) for x in logits]
+        o = self.options
+        if o.binarizer == "reinmax":
+            gates = [reinmax(x, o.offset, o.tau, gen) for x in logits]
             return gates, gates
-        soft = [gumbel_sigmoid(x, self.offset, self.temperature, gen) for x in logits]
-        hard = [hard_st(gumbel_sigmoid(x, self.offset, self.temperature, gen)) for x in logits]
+        soft = [gumbel_sigmoid(x, o.offset, o.temperature, gen) for x in logits]
+        hard = [hard_st(gumbel_sigmoid(x, o.offset, o.temperature, gen)) for x in logits]
         return soft, hard
 
     def _train(self, adapter: ModelAdapter, hn: HyperNetwork, data: Windows, dist: Dist, cost: WidthCost,
-               ratio: float, ckpt: tuple[Path | None, dict[str, Any]]) -> dict[str, Any]:
+               ratio: float, ckpt: KeyedFile | None) -> dict[str, Any]:
         """AdamW on the hypernetwork; one sequence per process and step, gradients averaged over processes."""
+        o = self.options
         device = dist.device(adapter.model)
-        linear = self.ratio_params == "linear"
+        linear = o.ratio_params == "linear"
         target = (1 - ratio) * cost.dense_total(linear)
-        opt = torch.optim.AdamW(hn.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        gen = torch.Generator(device).manual_seed(self.seed * 1000 + dist.rank)
-        path, key = ckpt
+        opt = torch.optim.AdamW(hn.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        gen = torch.Generator(device).manual_seed(o.seed * 1000 + dist.rank)
         start, curves = self._resume(ckpt, hn, opt, gen, dist)
-        stream = data.stream(self.seed)
+        stream = data.stream(o.seed)
         for _ in range(start):  # the same data order as an uninterrupted run
             next(stream)
         masks: Masks = {i: {s: torch.ones(w, device=device) for s, w in zip(SITES, ws)}
                         for i, ws in enumerate(cost.widths)}
         live = live_log() if dist.main else None
-        bar = tqdm(range(start, self.steps), desc="disp hypernetwork", leave=False,
-                   disable=not (self.progress and dist.main))
-        with gated(adapter, masks, square_mid=self.binarizer == "gumbel"):
+        bar = tqdm(range(start, o.steps), desc="disp hypernetwork", leave=False,
+                   disable=not (o.progress and dist.main))
+        with gated(adapter, masks, square_mid=o.binarizer == "gumbel"):
             for step in bar:
                 j = int(next(stream)[dist.rank])
                 ce, reg, kept = self._step(adapter.model, hn, masks, data.ids[j : j + 1].to(device),
@@ -299,7 +295,7 @@ class Disp:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 done = step + 1
-                if done % self.log_every == 0 or done == self.steps:
+                if done % o.log_every == 0 or done == o.steps:
                     point = self._point(hn, cost, done, dist.sum_value(ce) / dist.n, reg,
                                         1 - kept / cost.dense_total(linear))
                     for k, v in point.items():
@@ -307,9 +303,9 @@ class Disp:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in point.items() if k != "step"})
                     if live:
                         live({f"disp/{k}": v for k, v in point.items()})
-                if path and dist.main and (done % self.checkpoint_every == 0 or done == self.steps):
-                    _save(path, {"step": done, "hn": hn.state_dict(), "opt": opt.state_dict(),
-                                 "gen": gen.get_state(), "curves": curves, "key": key})
+                if ckpt and dist.main and (done % o.checkpoint_every == 0 or done == o.steps):
+                    ckpt.save_torch({"step": done, "hn": hn.state_dict(), "opt": opt.state_dict(),
+                                     "gen": gen.get_state(), "curves": curves})
         return {"curves": curves, "resumed_from_step": start, "train_pieces": list(data.ids.shape)}
 
     def _step(self, model: nn.Module, hn: HyperNetwork, masks: Masks, ids: torch.Tensor, keep: torch.Tensor,
@@ -321,11 +317,11 @@ class Disp:
         """
         gates, counted = self._sample(hn(), gen)
         masks.update(_by_layer(gates, len(cost.widths)))  # the hooks read these on the next forward pass
-        autocast = self.bf16 and ids.device.type == "cuda"
+        autocast = self.options.bf16 and ids.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext():
             ce = masked_ce(model, ids, keep)
-        t = cost.count(_sizes(counted, len(cost.widths)), self.ratio_params == "linear")
-        reg = self.lam * torch.log(t / target).abs()
+        t = cost.count(_sizes(counted, len(cost.widths)), self.options.ratio_params == "linear")
+        reg = self.options.lam * torch.log(t / target).abs()
         (ce.float() + reg).backward()
         return ce.detach().float(), float(reg.detach()), float(t.detach())
 
@@ -334,9 +330,9 @@ class Disp:
                sampled: float) -> dict[str, float]:
         """One curve point: CE, regulariser, removed fraction (ratio_params unit) of the regulariser's
         masks and of the plain threshold x + offset > 0 (how saturated the gates are)."""
-        plain = achieved_ratios(cost, _sizes(_threshold(hn(), self.offset, 0.0), len(cost.widths)))
+        plain = achieved_ratios(cost, _sizes(_threshold(hn(), self.options.offset, 0.0), len(cost.widths)))
         return {"step": step, "ce": ce, "reg": reg, "removed_frac_sampled": sampled,
-                "removed_frac_threshold": plain[self.ratio_params]}
+                "removed_frac_threshold": plain[self.options.ratio_params]}
 
     @torch.no_grad()
     def final_masks(self, hn: HyperNetwork, cost: WidthCost, ratio: float
@@ -346,27 +342,28 @@ class Disp:
         hn.eval()
         logits = hn()
         hn.train(was)
-        if self.final_mask != "sample":  # NOTE(faithfulness): deterministic; the code samples
-            tau = 0.0 if self.final_mask == "threshold" else self._budget_threshold(logits, cost, ratio)
-            return _threshold(logits, self.offset, tau), tau
-        gen = torch.Generator(logits[0].device).manual_seed(self.seed)
-        if self.binarizer == "reinmax":
-            return [_at_least_one(torch.bernoulli(torch.sigmoid(x + self.offset), generator=gen).bool(), x)
+        o = self.options
+        if o.final_mask != "sample":  # NOTE(faithfulness): deterministic; the code samples
+            tau = 0.0 if o.final_mask == "threshold" else self._budget_threshold(logits, cost, ratio)
+            return _threshold(logits, o.offset, tau), tau
+        gen = torch.Generator(logits[0].device).manual_seed(o.seed)
+        if o.binarizer == "reinmax":
+            return [_at_least_one(torch.bernoulli(torch.sigmoid(x + o.offset), generator=gen).bool(), x)
                     for x in logits], None
-        soft = [gumbel_sigmoid(x, self.offset, self.temperature, gen) for x in logits]
+        soft = [gumbel_sigmoid(x, o.offset, o.temperature, gen) for x in logits]
         return [_at_least_one(y.round().bool(), y) for y in soft], None
 
     def _budget_threshold(self, logits: list[torch.Tensor], cost: WidthCost, ratio: float) -> float:
         """The one threshold τ on x + offset whose masks' T(s) is closest to p·T_total (bisection; T falls
         as τ rises). With saturated gates it lies near 0, where the plain threshold meets the budget too."""
-        linear = self.ratio_params == "linear"
+        offset, linear = self.options.offset, self.options.ratio_params == "linear"
         target = (1 - ratio) * cost.dense_total(linear)
 
         def kept(tau: float) -> float:
-            return float(cost.count(_sizes(_threshold(logits, self.offset, tau), len(cost.widths)), linear))
+            return float(cost.count(_sizes(_threshold(logits, offset, tau), len(cost.widths)), linear))
 
-        lo = min(float(x.min()) for x in logits) + self.offset - 1.0  # keeps everything: T >= target
-        hi = max(float(x.max()) for x in logits) + self.offset + 1.0  # one index each: T <= target
+        lo = min(float(x.min()) for x in logits) + offset - 1.0  # keeps everything: T >= target
+        hi = max(float(x.max()) for x in logits) + offset + 1.0  # one index each: T <= target
         for _ in range(60):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if kept(mid) >= target else (lo, mid)
@@ -375,42 +372,37 @@ class Disp:
     # ---- data and checkpoints ---------------------------------------------------------------------------
 
     def _windows(self, calib: CalibrationSet, processes: int) -> Windows:
-        ids, mask = calib.input_ids, calib.target_mask
-        if self.seqlen and ids.shape[1] > self.seqlen + 1:  # pieces (a seqlen+1 block gives seqlen targets)
-            ids = ids.unfold(1, self.seqlen, self.seqlen).reshape(-1, self.seqlen)
-            mask = mask.unfold(1, self.seqlen, self.seqlen).reshape(-1, self.seqlen).clone()
-            mask[:, 0] = False  # a piece's first token has no context inside the piece
-        if self.nsamples:
-            ids, mask = ids[: self.nsamples], mask[: self.nsamples]
+        # A window of seqlen + 1 tokens (the code's 2049-token blocks) already holds seqlen targets: kept
+        # whole rather than cut into one piece and a dropped token.
+        ids, mask = calibration_pieces(calib, self.options.seqlen, slack=1)
+        if self.options.nsamples:
+            ids, mask = ids[: self.options.nsamples], mask[: self.options.nsamples]
         return Windows(ids, mask, global_batch=processes)  # one sequence per process and step
 
-    def _checkpoint(self, adapter: ModelAdapter, calib: CalibrationSet, ratio: float
-                    ) -> tuple[Path | None, dict[str, Any]]:
-        """(checkpoint file or None, the key a checkpoint must carry to be resumed)."""
+    def _checkpoint(self, adapter: ModelAdapter, calib: CalibrationSet, ratio: float) -> KeyedFile | None:
+        """The hypernetwork's checkpoint file, ``<checkpoint_dir or cache/disp>/hn-<digest>.pt``, keyed by
+        everything that shapes training; None when ``checkpoint=false``."""
+        if not self.options.checkpoint:
+            return None
         # steps and final_mask are left out: a longer run resumes a shorter one, and masks come after training
-        options = {k: v for k, v in self._options().items() if k not in ("final_mask", "steps")}
+        options = {k: v for k, v in self.options.recorded().items() if k not in ("final_mask", "steps")}
         key = {"version": CHECKPOINT_VERSION, "model": model_fingerprint(adapter.model), "ratio": ratio,
                "calibration": tensor_hash(calib.input_ids), "target_mask": tensor_hash(calib.target_mask),
                "options": options}
-        if not self.checkpoint:
-            return None, key
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        return Path(self.checkpoint_dir or cache_dir() / "disp") / f"hn-{digest}.pt", key
+        folder = Path(self.options.checkpoint_dir or cache_dir() / "disp")
+        return KeyedFile(folder, key, prefix="hn-", suffix=".pt")
 
-    def _resume(self, ckpt: tuple[Path | None, dict[str, Any]], hn: HyperNetwork, opt: torch.optim.Optimizer,
+    def _resume(self, ckpt: KeyedFile | None, hn: HyperNetwork, opt: torch.optim.Optimizer,
                 gen: torch.Generator, dist: Dist) -> tuple[int, dict[str, list]]:
         """Load a matching checkpoint at or before ``steps``: (steps already done, curves so far)."""
-        path, key = ckpt
-        if path is None or not path.is_file():
-            return 0, {}
-        state = torch.load(path, map_location=dist.device(hn), weights_only=True)
-        if state.get("key") != key or state["step"] > self.steps:
+        state = ckpt.load_torch(map_location=dist.device(hn)) if ckpt else None
+        if state is None or state["step"] > self.options.steps:
             return 0, {}
         hn.load_state_dict(state["hn"])
         opt.load_state_dict(state["opt"])
         if dist.n == 1:  # other processes keep their own noise stream (seeded by rank)
             gen.set_state(state["gen"].cpu())
-        log.info("disp: resuming the hypernetwork at step %d from %s", state["step"], path)
+        log.info("disp: resuming the hypernetwork at step %d from %s", state["step"], ckpt.path)
         return int(state["step"]), state["curves"]
 
 
@@ -438,10 +430,3 @@ def achieved_ratios(cost: WidthCost, sizes: list[list[Any]]) -> dict[str, float]
     """Removed fraction of all parameters and of the decoder linear weights."""
     return {"all": 1 - float(cost.count(sizes, False)) / cost.total,
             "linear": 1 - float(cost.count(sizes, True)) / cost.linear_total}
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)

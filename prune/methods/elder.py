@@ -61,7 +61,8 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -69,10 +70,21 @@ from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
+from prune.methods import WithOptions, require_calibration
 from prune.methods.layer_common import ROUNDING, layers_to_remove
-from prune.methods.training import Dist, Windows, flat_point, live_log, masked_ce, trainable, training_mode
+from prune.methods.training import (
+    Dist,
+    Windows,
+    calibration_pieces,
+    flat_point,
+    live_log,
+    masked_ce,
+    trainable,
+    training_mode,
+)
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io, layer_scales
+from prune.options import Options, bounded
 from prune.types import PrunePlan
 
 log = logging.getLogger(__name__)
@@ -121,111 +133,102 @@ class LayerScales:
             self.neg.clamp_(min=0)
 
 
-class Elder:
-    """ELDeR/TRSP layer pruning: iterative L1-regularised layer weights, then I/O-difference regularisation.
+@dataclass(frozen=True)
+class ElderOptions(Options):
+    """ELDeR/TRSP's knobs (``conf/method/elder.yaml``); paper vs code choices as in the module docstring."""
 
-    Args:
-        lambda1: weight of the L1 term on the layer scalars (stage 1).
-        lambda2: weight of the I/O-difference term on the selected layers (stage 2).
-        reg_norm: ``l2`` (Frobenius, paper default) | ``l1`` (entrywise) norm of X_out − X_in per sequence.
-        iterative: mask one layer per round (paper); ``False`` is the "w/o W" ablation (one round, one shot).
-        stage2: run stage 2; ``False`` is the "w/o R" ablation.
-        stage1_trainable: ``scales`` (paper) | ``all`` (code: the model weights train in stage 1 too).
-        stage2_trainable: ``all`` (paper) | ``neighbours`` (memory-light deviation: only the layers of P and
-            the layers adjacent to them train; embeddings and head frozen).
-        scale_site: ``output`` (paper: S multiplies the whole output, residual included) | ``delta``
-            (deviation: S multiplies only what the layer adds, x + S·(Layer(x) − x)).
-        l1_form: ``split`` (paper: S = u − v, u, v ≥ 0 projected after each step, penalty Σ(u + v)) |
-            ``abs`` (code: Σ|S| by autograd's subgradient); see `LayerScales`.
-        protect_first / protect_last: never select the first / last this many layers (code: 3 / 4).
-        layers: extension, not in the paper: skip stage 1 and regularise and remove these layers (for example
-            another method's selection, to tell the selection's share from stage 2's); the ratio is ignored.
-        labels: ``all`` next-token targets | ``last_token`` (the code's SLEB labels).
-        stage1_lr: AdamW lr of the scalars. stage1_weight_lr: lr of the weights when stage1_trainable=all.
-        stage2_lr: AdamW lr of stage 2. warmup_ratio, weight_decay: both stages' schedule and AdamW decay.
-        stage1_steps_per_round / stage2_steps: optimiser steps; ``None`` derives them from the epochs.
-        stage1_epochs_per_round / stage2_epochs: passes over the calibration windows when steps are ``None``.
-        batch_size: sequences per forward pass (micro-batch) and process.
-        grad_accum: micro-batches per optimiser step *in total*; under ``accelerate launch`` they are split
-            over the processes: the global batch (batch_size·grad_accum) does not depend on the process count.
-        seqlen: cut each calibration window into pieces of this many tokens (``None``: whole windows).
-        bf16: autocast to bfloat16 on CUDA (trainable weights kept in float32 meanwhile); ignored on CPU.
-        gradient_checkpointing: recompute decoder layers in the backward pass.
-        ce_chunk: positions per LM-head slice in the loss (slices are recomputed in the backward pass).
-        seed: order of the calibration windows.
-        progress: tqdm progress bars (main process only).
-    """
+    lambda1: float = 5e-3  # weight of the L1 term on the layer scalars (stage 1)
+    lambda2: float = 1e-3  # weight of the I/O-difference term on the selected layers (stage 2)
+    reg_norm: Literal["l1", "l2"] = "l2"  # l2 (Frobenius, paper) | l1 (entrywise) of each X_out − X_in
+    iterative: bool = True  # mask one layer per round (paper); False: the "w/o W" ablation, one shot
+    stage2: bool = True  # False: the "w/o R" ablation
+    stage1_trainable: Literal["scales", "all"] = "scales"  # all: the code, model weights train in stage 1 too
+    # all (paper) | neighbours (memory-light deviation: only the layers of P and their neighbours train;
+    # embeddings and head frozen)
+    stage2_trainable: Literal["all", "neighbours"] = "all"
+    # output (paper: S multiplies the whole output, residual included) | delta (deviation: S multiplies only
+    # what the layer adds, x + S·(Layer(x) − x))
+    scale_site: Literal["output", "delta"] = "output"
+    protect_first: int = bounded(0, ge=0)  # never select the first this many layers (code: 3)
+    protect_last: int = bounded(0, ge=0)  # never select the last this many layers (code: 4)
+    labels: Literal["all", "last_token"] = "all"  # all next-token targets | last_token (code: SLEB's labels)
+    stage1_lr: float = 5e-2  # AdamW lr of the scalars
+    stage1_weight_lr: float = 2e-5  # lr of the weights when stage1_trainable=all
+    stage2_lr: float = 2e-5  # AdamW lr of stage 2
+    warmup_ratio: float = bounded(0.03, ge=0, le=1)  # both stages' linear schedule
+    weight_decay: float = 0.0  # both stages' AdamW decay
+    # optimiser steps; None derives them from the epochs (passes over the calibration windows)
+    stage1_steps_per_round: int | None = bounded(None, ge=0)
+    stage1_epochs_per_round: float = 1.0
+    stage2_steps: int | None = bounded(None, ge=0)
+    stage2_epochs: float = 1.0
+    batch_size: int = bounded(1, ge=1)  # sequences per forward pass (micro-batch) and process
+    # micro-batches per optimiser step *in total*: under ``accelerate launch`` they are split over the
+    # processes, so the global batch (batch_size·grad_accum) does not depend on the process count
+    grad_accum: int = bounded(8, ge=1)
+    seqlen: int | None = None  # cut each calibration window into pieces of this many tokens (None: whole)
+    bf16: bool = True  # autocast to bfloat16 on CUDA (trainable weights in float32 meanwhile); not on CPU
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward pass
+    ce_chunk: int = bounded(1024, ge=1)  # positions per LM-head slice in the loss (recomputed in backward)
+    seed: int = 0  # order of the calibration windows
+    progress: bool = True  # tqdm progress bars (main process only)
+    # extension, not in the paper: skip stage 1 and regularise and remove these layers (e.g. another
+    # method's selection, to tell the selection's share from stage 2's); the ratio is ignored
+    layers: list[int] | None = None
+    # split (paper: S = u − v, u, v ≥ 0 projected after each step, penalty Σ(u + v)) | abs (code: Σ|S| by
+    # autograd's subgradient); see `LayerScales`
+    l1_form: Literal["split", "abs"] = "split"
+
+    @property
+    def fixed_layers(self) -> list[int] | None:
+        """``layers`` sorted, each once (``None``: stage 1 selects)."""
+        return None if self.layers is None else sorted(set(self.layers))
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimiser step, over all processes."""
+        return self.batch_size * self.grad_accum
+
+
+class Elder(WithOptions[ElderOptions]):
+    """ELDeR/TRSP layer pruning: iterative L1-regularised layer weights, then I/O-difference
+    regularisation."""
 
     ratio_unit = "layers"
     needs_calibration = True
 
-    def __init__(
-        self, lambda1: float = 5e-3, lambda2: float = 1e-3, reg_norm: str = "l2", iterative: bool = True,
-        stage2: bool = True, stage1_trainable: str = "scales", stage2_trainable: str = "all",
-        scale_site: str = "output", protect_first: int = 0, protect_last: int = 0, labels: str = "all",
-        stage1_lr: float = 5e-2, stage1_weight_lr: float = 2e-5, stage2_lr: float = 2e-5,
-        warmup_ratio: float = 0.03, weight_decay: float = 0.0, stage1_steps_per_round: int | None = None,
-        stage1_epochs_per_round: float = 1.0, stage2_steps: int | None = None, stage2_epochs: float = 1.0,
-        batch_size: int = 1, grad_accum: int = 8, seqlen: int | None = None, bf16: bool = True,
-        gradient_checkpointing: bool = False, ce_chunk: int = 1024, seed: int = 0, progress: bool = True,
-        layers: list[int] | None = None, l1_form: str = "split",
-    ) -> None:
-        choices = [("reg_norm", reg_norm, ("l1", "l2")), ("labels", labels, ("all", "last_token")),
-                   ("stage1_trainable", stage1_trainable, ("scales", "all")),
-                   ("stage2_trainable", stage2_trainable, ("all", "neighbours")),
-                   ("scale_site", scale_site, ("output", "delta")), ("l1_form", l1_form, ("split", "abs"))]
-        for name, value, allowed in choices:
-            if value not in allowed:
-                raise PruneError(f"method.{name}={value} is not one of {', '.join(allowed)}")
-        if batch_size < 1 or grad_accum < 1:
-            raise PruneError("method.batch_size and method.grad_accum must be >= 1")
-        self.lambda1, self.lambda2, self.reg_norm = lambda1, lambda2, reg_norm
-        self.iterative, self.stage2 = iterative, stage2
-        self.stage1_trainable, self.stage2_trainable = stage1_trainable, stage2_trainable
-        self.scale_site, self.l1_form = scale_site, l1_form
-        self.protect_first, self.protect_last, self.labels = protect_first, protect_last, labels
-        self.stage1_lr, self.stage1_weight_lr, self.stage2_lr = stage1_lr, stage1_weight_lr, stage2_lr
-        self.warmup_ratio, self.weight_decay = warmup_ratio, weight_decay
-        self.stage1_steps_per_round = stage1_steps_per_round
-        self.stage1_epochs_per_round = stage1_epochs_per_round
-        self.stage2_steps, self.stage2_epochs = stage2_steps, stage2_epochs
-        self.batch_size, self.grad_accum, self.seqlen = batch_size, grad_accum, seqlen
-        self.bf16, self.gradient_checkpointing, self.ce_chunk = bf16, gradient_checkpointing, ce_chunk
-        self.seed, self.progress = seed, progress
-        self.layers = None if layers is None else sorted({int(i) for i in layers})
-
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("elder needs calibration data; do not set calib=null")
+        calib = require_calibration("elder", calib)
+        o = self.options
         num_layers = adapter.num_layers()
         n, candidates = self._selectable(ratio, num_layers)
         dist = Dist.create(adapter.model)
-        if dist.n > self.grad_accum:
-            raise PruneError(f"{dist.n} processes but method.grad_accum={self.grad_accum} micro-batches per step; "
-                             f"set method.grad_accum to a multiple of {dist.n}")
+        if dist.n > o.grad_accum:
+            raise PruneError(f"{dist.n} processes but method.grad_accum={o.grad_accum} micro-batches per "
+                             f"step; set method.grad_accum to a multiple of {dist.n}")
         data = self._windows(calib)
         info: dict[str, Any] = {
-            "rounding": ROUNDING, "layers_removed": n, "protect_first": self.protect_first,
-            "protect_last": self.protect_last, "selectable": candidates, "iterative": self.iterative,
-            "stage2": self.stage2, "stage1_trainable": self.stage1_trainable, "scale_site": self.scale_site,
-            "l1_form": self.l1_form, "stage2_trainable": self.stage2_trainable, "labels": self.labels,
-            "reg_norm": self.reg_norm,
-            "train_windows": list(data.ids.shape), "global_batch": self.batch_size * self.grad_accum,
-            "processes": dist.n, "fixed_layers": self.layers,
+            "rounding": ROUNDING, "layers_removed": n, "protect_first": o.protect_first,
+            "protect_last": o.protect_last, "selectable": candidates, "iterative": o.iterative,
+            "stage2": o.stage2, "stage1_trainable": o.stage1_trainable, "scale_site": o.scale_site,
+            "l1_form": o.l1_form, "stage2_trainable": o.stage2_trainable, "labels": o.labels,
+            "reg_norm": o.reg_norm,
+            "train_windows": list(data.ids.shape), "global_batch": o.global_batch,
+            "processes": dist.n, "fixed_layers": o.fixed_layers,
         }
         if n == 0:
             return PrunePlan(method="elder", ratio=ratio, ratio_unit=self.ratio_unit, info=info)
         scores: dict[str, list[float]] = {}
-        with training_mode(adapter.model, self.gradient_checkpointing):
-            if self.layers is None:
+        with training_mode(adapter.model, o.gradient_checkpointing):
+            if o.fixed_layers is None:
                 t0 = time.perf_counter()
                 order, rounds, curves1 = self._stage1(adapter, data, dist, n, candidates)
                 info |= {"selection_order": order, "rounds": rounds, "stage1_curves": curves1,
                          "time_stage1_s": time.perf_counter() - t0}
                 scores["abs_scale_round1"] = [abs(s) for s in rounds[0]["scales"]]
             else:
-                order = list(self.layers)
-            if self.stage2:
+                order = o.fixed_layers
+            if o.stage2:
                 t1 = time.perf_counter()
                 info["stage2_curves"] = self._stage2(adapter, data, dist, sorted(order))
                 info["time_stage2_s"] = time.perf_counter() - t1
@@ -234,15 +237,17 @@ class Elder:
 
     def _selectable(self, ratio: float, num_layers: int) -> tuple[int, list[int]]:
         """How many layers go, and the layers stage 1 may pick (``layers`` fixes both)."""
-        if self.layers is not None:
-            if not self.layers or self.layers[0] < 0 or self.layers[-1] >= num_layers:
-                raise PruneError(f"method.layers={self.layers} must name layers in 0..{num_layers - 1}")
-            return len(self.layers), list(self.layers)
+        o = self.options
+        fixed = o.fixed_layers
+        if fixed is not None:
+            if not fixed or fixed[0] < 0 or fixed[-1] >= num_layers:
+                raise o.error("layers", f"must name layers in 0..{num_layers - 1}")
+            return len(fixed), list(fixed)
         n = layers_to_remove(ratio, num_layers)
-        candidates = list(range(self.protect_first, num_layers - self.protect_last))
+        candidates = list(range(o.protect_first, num_layers - o.protect_last))
         if len(candidates) < n:
-            raise PruneError(f"ratio={ratio} removes {n} layers but protect_first={self.protect_first} and "
-                             f"protect_last={self.protect_last} leave {len(candidates)}; lower them")
+            raise PruneError(f"ratio={ratio} removes {n} layers but protect_first={o.protect_first} and "
+                             f"protect_last={o.protect_last} leave {len(candidates)}; lower them")
         return n, candidates
 
     # ---- stage 1 ---------------------------------------------------------------------------------------
@@ -250,37 +255,38 @@ class Elder:
     def _stage1(self, adapter: ModelAdapter, data: Windows, dist: Dist, n: int, candidates: list[int]
                 ) -> tuple[list[int], list[dict[str, Any]], dict[str, list]]:
         """Learn the layer scalars round by round; mask the smallest |S| after each round (Eq. stage 1)."""
+        o = self.options
         model = adapter.model
         num_layers, device = adapter.num_layers(), dist.device(model)
-        scales = LayerScales(num_layers, device, self.l1_form)
+        scales = LayerScales(num_layers, device, o.l1_form)
         masked: list[int] = []  # read by the hooks on every call: masking takes effect at once
         rounds: list[dict[str, Any]] = []
         curves: dict[str, list] = {"ce": [], "l1": [], "loss": [], "lr": [], "scales": [], "round": []}
-        weights = [p for p in model.parameters()] if self.stage1_trainable == "all" else []
-        steps = self._steps(self.stage1_steps_per_round, self.stage1_epochs_per_round, len(data))
-        stream = data.stream(self.seed)  # one stream over all rounds: later rounds see new windows
+        weights = [p for p in model.parameters()] if o.stage1_trainable == "all" else []
+        steps = self._steps(o.stage1_steps_per_round, o.stage1_epochs_per_round, len(data))
+        stream = data.stream(o.seed)  # one stream over all rounds: later rounds see new windows
 
         def data_loss(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"ce": masked_ce(model, ids, mask, self.ce_chunk)}
+            return {"ce": masked_ce(model, ids, mask, o.ce_chunk)}
 
-        with layer_scales(adapter, scales, masked, self.scale_site):
-            for r in range(n if self.iterative else 1):
+        with layer_scales(adapter, scales, masked, o.scale_site):
+            for r in range(n if o.iterative else 1):
                 alive = [i for i in range(num_layers) if i not in masked]
                 alive_t = torch.tensor(alive, device=device)
 
                 def penalty() -> torch.Tensor:
-                    return self.lambda1 * scales.l1(alive_t)
+                    return o.lambda1 * scales.l1(alive_t)
 
-                groups = [{"params": scales.params(), "lr": self.stage1_lr}]
+                groups = [{"params": scales.params(), "lr": o.stage1_lr}]
                 if weights:
-                    groups.append({"params": weights, "lr": self.stage1_weight_lr})
+                    groups.append({"params": weights, "lr": o.stage1_weight_lr})
                 self._train(model, data, stream, groups, steps, data_loss, penalty, dist, "stage1",
                             f"elder stage 1 round {r + 1}", curves,
                             lambda: {"round": r, "scales": scales.values()}, after_step=scales.project)
                 values = scales.values()
                 selectable = [i for i in candidates if i not in masked]
                 ranked = sorted(selectable, key=lambda i: (abs(values[i]), i))
-                picked = ranked[:1] if self.iterative else ranked[:n]
+                picked = ranked[:1] if o.iterative else ranked[:n]
                 masked.extend(picked)
                 rounds.append({"round": r, "scales": values, "selected": picked})
                 log.info("elder stage 1 round %d: masked %s (|S| = %s)", r + 1, picked,
@@ -292,8 +298,9 @@ class Elder:
     def _stage2(self, adapter: ModelAdapter, data: Windows, dist: Dist, selected: list[int]
                 ) -> dict[str, list]:
         """Train the weights on CE + λ2·Σ_{i∈P} ‖X_out^i − X_in^i‖, the layers of P active (Eq. stage 2)."""
+        o = self.options
         model = adapter.model
-        if self.stage2_trainable == "all":
+        if o.stage2_trainable == "all":
             params = list(model.parameters())
         else:  # NOTE(faithfulness): memory-light deviation, not in the paper
             near = sorted({j for i in selected for j in (i - 1, i, i + 1) if 0 <= j < adapter.num_layers()})
@@ -309,8 +316,8 @@ class Elder:
 
         def data_loss(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
             terms.clear()
-            ce = masked_ce(model, ids, mask, self.ce_chunk)
-            return {"ce": ce, "reg": self.lambda2 * torch.stack(list(terms.values())).sum()}
+            ce = masked_ce(model, ids, mask, o.ce_chunk)
+            return {"ce": ce, "reg": o.lambda2 * torch.stack(list(terms.values())).sum()}
 
         def per_layer() -> dict[str, Any]:
             norms = [total / max(count, 1) for total, count in seen.values()]
@@ -320,16 +327,16 @@ class Elder:
 
         curves: dict[str, list] = {"ce": [], "reg": [], "loss": [], "lr": [], "io_norm_per_layer": [],
                                    "layers": selected}
-        steps = self._steps(self.stage2_steps, self.stage2_epochs, len(data))
+        steps = self._steps(o.stage2_steps, o.stage2_epochs, len(data))
         with layer_io(adapter, capture):
-            self._train(model, data, data.stream(self.seed + 1), [{"params": params, "lr": self.stage2_lr}],
+            self._train(model, data, data.stream(o.seed + 1), [{"params": params, "lr": o.stage2_lr}],
                         steps, data_loss, None, dist, "stage2", "elder stage 2", curves, per_layer)
         return curves
 
     def _io_norm(self, x_out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
         """‖X_out − X_in‖ of each sequence's [T, d] matrix, averaged over the micro-batch: a scalar."""
         diff = (x_out - x_in).float().flatten(1)
-        per_seq = diff.norm(dim=1) if self.reg_norm == "l2" else diff.abs().sum(dim=1)
+        per_seq = diff.norm(dim=1) if self.options.reg_norm == "l2" else diff.abs().sum(dim=1)
         return per_seq.mean()
 
     # ---- shared training loop ---------------------------------------------------------------------------
@@ -353,27 +360,28 @@ class Elder:
         """
         from transformers import get_linear_schedule_with_warmup
 
+        o = self.options
         device = dist.device(model)
-        autocast = self.bf16 and device.type == "cuda"
+        autocast = o.bf16 and device.type == "cuda"
         params = [p for g in groups for p in g["params"]]
         with trainable(model, params, upcast=autocast):
-            opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
-            sched = get_linear_schedule_with_warmup(opt, int(self.warmup_ratio * steps), steps)
-            bar = tqdm(range(steps), desc=desc, leave=False, disable=not (self.progress and dist.main))
+            opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
+            sched = get_linear_schedule_with_warmup(opt, int(o.warmup_ratio * steps), steps)
+            bar = tqdm(range(steps), desc=desc, leave=False, disable=not (o.progress and dist.main))
             live = live_log() if dist.main else None
             for _ in bar:
                 opt.zero_grad(set_to_none=True)
                 batch = next(stream)  # [batch_size * grad_accum] window indices, identical on every process
                 sums: dict[str, torch.Tensor] = {}
-                for j in range(dist.rank, self.grad_accum, dist.n):
-                    idx = batch[j * self.batch_size : (j + 1) * self.batch_size]
+                for j in range(dist.rank, o.grad_accum, dist.n):
+                    idx = batch[j * o.batch_size : (j + 1) * o.batch_size]
                     ids, mask = data.ids[idx].to(device), data.mask[idx].to(device)
                     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
                     with ctx:
                         parts = data_loss(ids, mask)
-                    (sum(parts.values()) / self.grad_accum).backward()  # type: ignore[union-attr]
+                    (sum(parts.values()) / o.grad_accum).backward()  # type: ignore[union-attr]
                     for k, v in parts.items():
-                        sums[k] = sums.get(k, 0) + v.detach().float() / self.grad_accum
+                        sums[k] = sums.get(k, 0) + v.detach().float() / o.grad_accum
                 dist.sum_grads(params)
                 logged = {k: dist.sum_value(v) for k, v in sorted(sums.items())}
                 if penalty is not None:
@@ -396,19 +404,14 @@ class Elder:
     # ---- data -------------------------------------------------------------------------------------------
 
     def _windows(self, calib: CalibrationSet) -> Windows:
-        ids, mask = calib.input_ids, calib.target_mask
-        if self.seqlen and self.seqlen < ids.shape[1]:
-            usable = ids.shape[1] // self.seqlen * self.seqlen
-            ids = ids[:, :usable].reshape(-1, self.seqlen)
-            mask = mask[:, :usable].reshape(-1, self.seqlen).clone()
-            mask[:, 0] = False  # the first token of a piece has no context inside the piece
-        if self.labels == "last_token":  # NOTE(faithfulness): the code's SLEB labels, only the last counts
-            last = torch.zeros_like(mask)
+        ids, mask = calibration_pieces(calib, self.options.seqlen)  # every window longer than seqlen is cut
+        if self.options.labels == "last_token":  # NOTE(faithfulness): the code's SLEB labels, only the last
+            last = torch.zeros_like(mask)  # target counts
             last[:, -1] = mask[:, -1]
             mask = last
-        return Windows(ids, mask, self.batch_size * self.grad_accum)
+        return Windows(ids, mask, self.options.global_batch)
 
     def _steps(self, steps: int | None, epochs: float, n_windows: int) -> int:
         if steps is not None:
             return int(steps)
-        return max(1, math.ceil(epochs * n_windows / (self.batch_size * self.grad_accum)))
+        return max(1, math.ceil(epochs * n_windows / self.options.global_batch))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
+from prune.methods import WithOptions, require_calibration
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io
+from prune.options import Options, bounded
 from prune.types import PrunePlan
 
 ROUNDING = "ceil(ratio * num_layers), as SLEB and TRSP round"
@@ -68,21 +71,27 @@ def lowest(scores: list[float], n: int) -> list[int]:
 def one_shot_plan(method: str, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float,
                   statistic: TokenStatistic, score_name: str, batch_size: int = 1) -> PrunePlan:
     """Score every layer once with `statistic` and remove the ⌈ratio·L⌉ lowest (ShortGPT's procedure)."""
-    if calib is None:
-        raise PruneError(f"{method} needs calibration data; do not set calib=null")
+    calib = require_calibration(method, calib)
     n = layers_to_remove(ratio, adapter.num_layers())
     scores = mean_layer_statistic(adapter, calib, statistic, batch_size)
     return PrunePlan(method=method, ratio=ratio, ratio_unit="layers", drop_layers=lowest(scores, n),
                      scores={score_name: scores}, info={"rounding": ROUNDING, "layers_removed": n})
 
 
-class OneShotLayerRanking:
-    """Score every layer once with a per-token statistic and remove the ⌈ratio·L⌉ lowest (ShortGPT's
-    procedure); subclasses set `name`, `score_name` and `statistic`.
+@dataclass(frozen=True)
+class LayerRankingOptions(Options):
+    """Knobs of a one-shot layer ranking (``conf/method/{shortgpt,relative_magnitude}.yaml``).
 
-    Args:
+    Attributes:
         batch_size: calibration sequences per forward pass.
     """
+
+    batch_size: int = bounded(1, ge=1)
+
+
+class OneShotLayerRanking(WithOptions[LayerRankingOptions]):
+    """Score every layer once with a per-token statistic and remove the ⌈ratio·L⌉ lowest (ShortGPT's
+    procedure); subclasses set `name`, `score_name` and `statistic`."""
 
     name: str
     score_name: str
@@ -90,8 +99,6 @@ class OneShotLayerRanking:
     ratio_unit = "layers"
     needs_calibration = True
 
-    def __init__(self, batch_size: int = 1) -> None:
-        self.batch_size = batch_size
-
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        return one_shot_plan(self.name, adapter, calib, ratio, self.statistic, self.score_name, self.batch_size)
+        return one_shot_plan(self.name, adapter, calib, ratio, self.statistic, self.score_name,
+                             self.options.batch_size)

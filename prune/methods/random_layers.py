@@ -6,29 +6,35 @@ Ratio unit: layers, ⌈ratio·L⌉ removed, chosen uniformly with ``random.Rando
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from prune.data.calibration import CalibrationSet
+from prune.methods import WithOptions
 from prune.methods.layer_common import ROUNDING, layers_to_remove
 from prune.models.adapter import ModelAdapter
+from prune.options import Options
 from prune.types import PrunePlan
 
 
-class RandomLayers:
-    """Remove a seeded random set of layers.
-
-    Args:
-        seed: the draw's seed (defaults to the run's ``seed``).
+@dataclass(frozen=True)
+class RandomLayersOptions(Options):
+    """Attributes:
+        seed: the draw's seed (``conf/method/random_layers.yaml`` passes the run's ``seed``).
     """
+
+    seed: int = 0
+
+
+class RandomLayers(WithOptions[RandomLayersOptions]):
+    """Remove a seeded random set of layers."""
 
     ratio_unit = "layers"
     needs_calibration = False
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         n_layers = adapter.num_layers()
         n = layers_to_remove(ratio, n_layers)
-        drop = sorted(random.Random(self.seed).sample(range(n_layers), n))
+        seed = self.options.seed
+        drop = sorted(random.Random(seed).sample(range(n_layers), n))
         return PrunePlan(method="random_layers", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=drop,
-                         info={"rounding": ROUNDING, "layers_removed": n, "seed": self.seed})
+                         info={"rounding": ROUNDING, "layers_removed": n, "seed": seed})

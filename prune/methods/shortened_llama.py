@@ -3,39 +3,45 @@ Methods"): one-shot removal of whole transformer blocks ranked by an importance 
 
 - ``criterion=ppl``: importance of block i = calibration perplexity of the model with block i removed (all
   other blocks present). Low PPL after removal = unimportant.
-- ``criterion=taylor`` (Taylor+): importance of block i = Σ over its weight matrices of Σ_rows |Σ_cols θ·∂L/∂θ|,
-  i.e. the first-order Taylor estimate of the loss change, accumulated over calibration batches; the "+"
-  heuristic keeps the first 4 and the last 2 blocks out of the candidates (official code, ``block_prune.py``).
+- ``criterion=taylor`` (Taylor+): importance of block i = Σ over its weight matrices of
+  Σ_rows |Σ_cols θ·∂L/∂θ|, i.e. the first-order Taylor estimate of the loss change, accumulated over
+  calibration batches; the "+" heuristic keeps the first 4 and the last 2 blocks out of the candidates
+  (official code, ``block_prune.py``).
 
 Blocks are removed in ascending importance; ratio unit: layers, ⌈ratio·L⌉ removed. LoRA retraining, which the
 paper applies afterwards, is out of scope here.
 
 NOTE(faithfulness): the paper calibrates on 10 random BookCorpus samples of 128 tokens; BookCorpus is not
 available offline, so the first ``max_sequences`` (10) windows of the configured calibration set, cut to their
-first ``max_seqlen`` (128) tokens, are used (the paper's sizes; null for the whole set). The official Taylor score sums |salience| over the input dimension per output row
-(``norm_power=1``) and then over rows and matrices; norms are included (vector salience). We follow that.
+first ``max_seqlen`` (128) tokens, are used (the paper's sizes; null for the whole set). The official Taylor
+score sums |salience| over the input dimension per output row (``norm_power=1``) and then over rows and
+matrices; norms are included (vector salience). We follow that.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
-from prune.errors import PruneError
 from prune.eval.nll import sequence_nll
+from prune.methods import WithOptions, require_calibration
 from prune.methods.layer_common import ROUNDING, layers_to_remove
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import skip_layers
+from prune.options import Options, bounded
 from prune.types import PrunePlan
 
 
-class ShortenedLlama:
-    """One-shot block removal by PPL or Taylor+ importance.
+@dataclass(frozen=True)
+class ShortenedLlamaOptions(Options):
+    """Shortened LLaMA's knobs (``conf/method/shortened_llama.yaml``).
 
-    Args:
+    Attributes:
         criterion: ``ppl`` | ``taylor``.
         plus_heuristic: keep the first ``keep_first`` and last ``keep_last`` blocks; ``None`` = on for taylor
             (Taylor+), off for ppl, as in the paper.
@@ -46,35 +52,43 @@ class ShortenedLlama:
             tokens (paper: 10 x 128); ``None`` = all.
     """
 
+    criterion: Literal["ppl", "taylor"] = "ppl"
+    plus_heuristic: bool | None = None
+    keep_first: int = bounded(4, ge=0)
+    keep_last: int = bounded(2, ge=0)
+    batch_size: int = bounded(1, ge=1)
+    max_sequences: int | None = bounded(10, ge=1)
+    max_seqlen: int | None = bounded(128, ge=1)
+
+    @property
+    def protects_ends(self) -> bool:
+        """Whether the "+" heuristic is on (``plus_heuristic``, by default on for taylor only)."""
+        return self.criterion == "taylor" if self.plus_heuristic is None else self.plus_heuristic
+
+
+class ShortenedLlama(WithOptions[ShortenedLlamaOptions]):
+    """One-shot block removal by PPL or Taylor+ importance."""
+
     ratio_unit = "layers"
     needs_calibration = True
 
-    def __init__(self, criterion: str = "ppl", plus_heuristic: bool | None = None, keep_first: int = 4,
-                 keep_last: int = 2, batch_size: int = 1, max_sequences: int | None = 10,
-                 max_seqlen: int | None = 128) -> None:
-        if criterion not in ("ppl", "taylor"):
-            raise PruneError(f"shortened_llama criterion '{criterion}' is unknown; use ppl or taylor")
-        self.criterion = criterion
-        self.plus_heuristic = criterion == "taylor" if plus_heuristic is None else plus_heuristic
-        self.keep_first, self.keep_last, self.batch_size = keep_first, keep_last, batch_size
-        self.max_sequences, self.max_seqlen = max_sequences, max_seqlen
-
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None:
-            raise PruneError("shortened_llama needs calibration data; do not set calib=null")
-        calib = calib.limited(self.max_sequences, self.max_seqlen)
+        calib = require_calibration("shortened_llama", calib)
+        o = self.options
+        calib = calib.limited(o.max_sequences, o.max_seqlen)
         n_layers = adapter.num_layers()
         candidates = list(range(n_layers))
-        if self.plus_heuristic:
-            candidates = candidates[self.keep_first : n_layers - self.keep_last]
+        if o.protects_ends:
+            candidates = candidates[o.keep_first : n_layers - o.keep_last]
         n = layers_to_remove(ratio, n_layers, max_removable=len(candidates))
-        scores = self._ppl_scores(adapter, calib) if self.criterion == "ppl" else self._taylor_scores(adapter, calib)
+        score = self._ppl_scores if o.criterion == "ppl" else self._taylor_scores
+        scores = score(adapter, calib)
         order = sorted(candidates, key=lambda i: (scores[i], i))
         return PrunePlan(
             method="shortened_llama", ratio=ratio, ratio_unit=self.ratio_unit, drop_layers=sorted(order[:n]),
-            scores={self.criterion: scores},
-            info={"rounding": ROUNDING, "layers_removed": n, "criterion": self.criterion,
-                  "plus_heuristic": self.plus_heuristic, "candidates": candidates, "removal_order": order,
+            scores={o.criterion: scores},
+            info={"rounding": ROUNDING, "layers_removed": n, "criterion": o.criterion,
+                  "plus_heuristic": o.protects_ends, "candidates": candidates, "removal_order": order,
                   "calibration_used": {"sequences": len(calib), "seqlen": int(calib.input_ids.shape[1])}},
         )
 
@@ -83,7 +97,7 @@ class ShortenedLlama:
         scores = []
         for i in tqdm(range(adapter.num_layers()), desc="block PPL", leave=False):
             with skip_layers(adapter, [i]):
-                scores.append(_calibration_ppl(adapter, calib, self.batch_size))
+                scores.append(_calibration_ppl(adapter, calib, self.options.batch_size))
         return scores
 
     def _taylor_scores(self, adapter: ModelAdapter, calib: CalibrationSet) -> list[float]:
@@ -95,8 +109,8 @@ class ShortenedLlama:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        for s in tqdm(range(0, len(calib), self.batch_size), desc="Taylor saliency", leave=False):
-            batch = calib.input_ids[s : s + self.batch_size].to(device)
+        for s in tqdm(range(0, len(calib), self.options.batch_size), desc="Taylor saliency", leave=False):
+            batch = calib.input_ids[s : s + self.options.batch_size].to(device)
             model.zero_grad(set_to_none=True)
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
             with torch.no_grad():

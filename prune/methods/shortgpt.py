@@ -1,4 +1,5 @@
-"""ShortGPT (Men et al., 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect").
+"""ShortGPT (Men et al., 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You
+Expect").
 
 Block Influence of layer i: BI_i = 1 - E_t[cos(x_i,t, x_{i+1},t)], the expected cosine similarity between a
 layer's input and output hidden state over calibration tokens. The layers with the lowest BI are removed in

@@ -1,8 +1,8 @@
 """Training utilities shared by the methods that train (ELDeR's two stages, DISP-LLM's hypernetwork).
 
-The calibration windows and their per-step order, the process group under ``accelerate launch``, a sliced
-LM-head loss, live W&B curves, and context managers that freeze, unfreeze and checkpoint a model for one loop
-and undo all of it afterwards.
+The calibration windows (cut into pieces) and their per-step order, the process group under ``accelerate
+launch``, a sliced LM-head loss, live W&B curves, and context managers that freeze, unfreeze and checkpoint a
+model for one loop and undo all of it afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from prune.data.calibration import CalibrationSet
 
 
 def nll_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,27 @@ def flat_point(prefix: str, point: dict[str, Any], names: list | None = None) ->
         else:
             flat[f"{prefix}/{key}"] = float(value)
     return flat
+
+
+def calibration_pieces(calib: CalibrationSet, seqlen: int | None, slack: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration windows (ids, target mask), each cut into pieces of `seqlen` tokens.
+
+    Windows longer than ``seqlen + slack`` tokens are cut; a window's remainder shorter than `seqlen` is
+    dropped, and each piece's first token stops being a target (it has no context inside the piece).
+    Shorter windows, or every window when `seqlen` is unset (``None`` or 0), are returned whole.
+    ``slack`` is why the callers differ: DISP passes 1, because a window of seqlen + 1 tokens (the official
+    code's 2049-token blocks for seqlen 2048) already holds seqlen next-token targets; ELDeR passes 0 and
+    cuts every window longer than seqlen.
+    """
+    ids, mask = calib.input_ids, calib.target_mask
+    if not seqlen or ids.shape[1] <= seqlen + slack:
+        return ids, mask
+    usable = ids.shape[1] // seqlen * seqlen
+    ids = ids[:, :usable].reshape(-1, seqlen)
+    mask = mask[:, :usable].reshape(-1, seqlen).clone()
+    mask[:, 0] = False
+    return ids, mask
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from prune.errors import PruneError
 from prune.models.adapter import ModelAdapter
 
 LayerIOCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -99,7 +100,7 @@ def layer_scales(
         site: ``output`` | ``delta``.
     """
     if site not in ("output", "delta"):
-        raise ValueError(f"unknown scale site '{site}'; choose output or delta")
+        raise PruneError(f"unknown scale site '{site}'; choose output or delta")
     handles = [
         layer.register_forward_hook(_scaled_output(adapter, i, scales, skip, site), with_kwargs=True)
         for i, layer in enumerate(adapter.layers())
