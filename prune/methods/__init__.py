@@ -51,9 +51,12 @@ class WithOptions(Generic[OptionsT]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for base in cls.__dict__.get("__orig_bases__", ()):  # WithOptions[XOptions] among the bases
-            if get_origin(base) is WithOptions:
-                cls.options_type = get_args(base)[0]
+        # WithOptions[XOptions] (or a generic subclass such as GreedyMethod[XOptions]) among the bases
+        for base in cls.__dict__.get("__orig_bases__", ()):
+            origin, args = get_origin(base), get_args(base)
+            if isinstance(origin, type) and issubclass(origin, WithOptions) and args \
+                    and isinstance(args[0], type):
+                cls.options_type = args[0]
 
     def __init__(self, **options: Any) -> None:
         self.options = self.options_type.parse(options)  # type: ignore[assignment]

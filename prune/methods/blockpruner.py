@@ -78,7 +78,7 @@ def candidate_blocks(num_layers: int, unit: str, block_type: str) -> list[Block]
     return mha + mlp
 
 
-class BlockPruner(GreedyMethod):
+class BlockPruner(GreedyMethod[BlockPrunerOptions]):
     """Greedy removal of attention / MLP blocks by calibration perplexity.
 
     Options (`BlockPrunerOptions`, validated once; read back as attributes, e.g. ``method.score``):
@@ -106,8 +106,6 @@ class BlockPruner(GreedyMethod):
 
     name = "blockpruner"
     ratio_unit = "params"
-    options_type = BlockPrunerOptions
-    options: BlockPrunerOptions
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         o = self.options

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 
@@ -32,6 +32,7 @@ from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
 from prune.errors import PruneError
 from prune.eval.params import count_params
+from prune.methods import WithOptions, require_calibration
 from prune.methods.block_scorers import LOSS_SCORES, Scorer, Step, scorer_for
 from prune.methods.block_search import Block, BlockSearch, StepCost, mask_sets
 from prune.models import blocks
@@ -66,23 +67,19 @@ class SearchOptions(Options):
     max_seqlen: int | None = bounded(None, ge=1)
 
 
-class GreedyMethod:
-    """What BlockPruner and SLEB share as pruning methods: keyword options parsed once into
-    ``options_type`` (read back as attributes: ``method.search_impl``) and the `on_step` hook. Each builds
-    its `GreedySearch` in ``prune``."""
+SearchOptionsT = TypeVar("SearchOptionsT", bound=SearchOptions)
 
-    options_type: ClassVar[type[SearchOptions]]
+
+class GreedyMethod(WithOptions[SearchOptionsT]):
+    """What BlockPruner and SLEB share as pruning methods: their options (``GreedyMethod[XOptions]``, read
+    back as attributes: ``method.search_impl``) and the `on_step` hook. Each builds its `GreedySearch` in
+    ``prune``."""
+
     needs_calibration = True
 
     def __init__(self, **options: Any) -> None:
-        self.options = self.options_type.parse(options)
+        super().__init__(**options)
         self.on_step: Callable[[int], None] | None = None  # after each saved step (tests interrupt here)
-
-    def __getattr__(self, name: str) -> Any:
-        options = self.__dict__.get("options")
-        if options is None or not hasattr(options, name):
-            raise AttributeError(name)
-        return getattr(options, name)
 
 
 def plan_sets(removed: list[Block]) -> tuple[list[int], list[int], list[int]]:
@@ -213,8 +210,9 @@ class GreedySearch:
     on_step: Callable[[int], None] | None = None  # after each saved step (tests interrupt here)
 
     def run(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
-        if calib is None or len(calib) == 0:
-            raise PruneError(f"{self.method} needs calibration data: set calib= (not null)")
+        calib = require_calibration(self.method, calib)
+        if len(calib) == 0:
+            raise PruneError(f"{self.method} got an empty calibration set; raise calib.nsamples")
         calib = calib.limited(self.options.max_sequences, self.options.max_seqlen)
         total = count_params(adapter)["params/total"]
 

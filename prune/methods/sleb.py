@@ -36,7 +36,7 @@ class SlebOptions(SearchOptions):
     num_layers: int | None = bounded(None, ge=0)
 
 
-class Sleb(GreedyMethod):
+class Sleb(GreedyMethod[SlebOptions]):
     """Greedy whole-layer removal by calibration loss, with SLEB's barriers.
 
     Options (`SlebOptions`, validated once; read back as attributes, e.g. ``method.early_barrier``):
@@ -49,8 +49,6 @@ class Sleb(GreedyMethod):
 
     name = "sleb"
     ratio_unit = "layers"
-    options_type = SlebOptions
-    options: SlebOptions
 
     def candidates(self, num_layers: int) -> list[Block]:
         """Every layer outside the barriers, ascending (a tie keeps the lowest layer)."""
