@@ -33,7 +33,8 @@ def derived_metrics(dense: dict[str, Any], pruned: dict[str, Any], prune_s: floa
     """Speed-ups against the dense model, the ideal (parameter-proportional) speed-up, and GPU-hours."""
     from prune.eval.speed import ideal_speedup, speedups
 
-    out: dict[str, float] = {"speed/ideal_speedup": ideal_speedup(dense["params/total"], pruned["params/total"])}
+    ideal = ideal_speedup(dense["params/total"], pruned["params/total"])
+    out: dict[str, float] = {"speed/ideal_speedup": ideal}
     out |= speedups(dense, pruned)
     if torch.cuda.is_available():
         out["cost/gpu_hours"] = prune_s / 3600 * torch.cuda.device_count()
@@ -44,6 +45,11 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _compared(key: str, dense: dict[str, Any], pruned: dict[str, Any]) -> str:
+    """One metric, dense beside pruned, in aligned columns."""
+    return f"{key:<28} dense {_fmt(dense.get(key, float('nan'))):>9}   pruned {_fmt(pruned[key]):>9}"
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """A short human-readable account of one run, for the terminal."""
     cfg, m, dense = results["config"], results["metrics"], results.get("dense_metrics", {})
@@ -52,15 +58,18 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     if plan["drop_layers"]:
         lines.append(f"removed layers {plan['drop_layers']}")
     lines.append(
-        f"params {m['params/total'] / 1e6:.2f} M (dense {dense.get('params/total', m['params/total']) / 1e6:.2f} M): "
-        f"{100 * m['params/removed_frac']:.2f}% removed, {100 * m['params/removed_frac_non_embedding']:.2f}% of non-embedding"
+        f"params {m['params/total'] / 1e6:.2f} M "
+        f"(dense {dense.get('params/total', m['params/total']) / 1e6:.2f} M): "
+        f"{100 * m['params/removed_frac']:.2f}% removed, "
+        f"{100 * m['params/removed_frac_non_embedding']:.2f}% of non-embedding"
     )
     described = results.get("metric_config", {}).get("ppl", {}).get("metrics", {})
     for key, spec in described.items():
-        label = f"[{spec['convention']}, {spec['slice']}" + (f", preset {spec['preset']}]" if spec.get("preset") else "]")
-        lines.append(f"{key:<28} dense {_fmt(dense.get(key, float('nan'))):>9}   pruned {_fmt(m[key]):>9}   {label}")
+        preset = f", preset {spec['preset']}" if spec.get("preset") else ""
+        label = f"[{spec['convention']}, {spec['slice']}{preset}]"
+        lines.append(f"{_compared(key, dense, m)}   {label}")
     shown = ("zs/mean", "zs/mean_stderr", "speed/prefill_ms", "speed/decode_ms", "speed/throughput_tok_s")
-    lines += [f"{k:<28} dense {_fmt(dense.get(k, float('nan'))):>9}   pruned {_fmt(m[k]):>9}" for k in shown if k in m]
+    lines += [_compared(k, dense, m) for k in shown if k in m]
     ratios = [f"{k.split('/')[1]} {m[k]:.2f}x" for k in sorted(m) if k.endswith("_speedup") and k in m]
     if any(k.startswith("speed/") and not k.endswith("ideal_speedup") for k in m):
         lines.append("speed-up vs dense: " + ", ".join(ratios))

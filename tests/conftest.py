@@ -71,3 +71,14 @@ def make_identity(model: torch.nn.Module, layer: int) -> None:
         torch.nn.init.zeros_(lin.weight)
         if lin.bias is not None:
             torch.nn.init.zeros_(lin.bias)
+
+
+def assert_reloads_identically(model: torch.nn.Module, folder: Path) -> None:
+    """Save the (pruned) model; the saved checkpoint reloads through the Auto classes with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(folder)
+    ids = random_ids(100)
+    with torch.inference_mode():
+        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

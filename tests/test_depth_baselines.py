@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from prune.data.calibration import build_calibration
 from prune.methods.laco import LaCo, rdsc_merge
 from prune.methods.shortened_llama import ShortenedLlama, _calibration_ppl
 from prune.models import surgery
 from prune.models.adapter import adapter_for
-from tests.conftest import make_identity, random_ids
+from tests.conftest import assert_reloads_identically, make_identity
 
 
 def _calib(tokenizer, n: int = 2):
@@ -24,11 +23,7 @@ def _calib(tokenizer, n: int = 2):
 def _assert_pruned_model_reloads(model, adapter, plan, folder) -> None:
     """Apply the plan; the saved model reloads as a stock HF model with the same logits."""
     surgery.apply(adapter, plan)
-    model.save_pretrained(folder)
-    ids = random_ids(100)
-    with torch.inference_mode():
-        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert_reloads_identically(model, folder)
 
 
 def test_rdsc_merge_by_hand() -> None:

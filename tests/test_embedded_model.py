@@ -40,7 +40,8 @@ def test_embedded_model_facts(embedded) -> None:
 
 def test_converted_directory_matches_gguf_load(embedded) -> None:
     gguf = Path(embedded.provenance["source"].removeprefix("gguf:"))
-    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32).eval()
     ids = random_ids(1000, batch=1, length=32)
     with torch.inference_mode():
         assert torch.equal(direct(ids).logits, embedded.model(ids).logits)

@@ -58,7 +58,8 @@ def test_sweep_runs_past_a_bad_cell_then_fails(tmp_path: Path) -> None:
     assert errors[1].startswith("error: 1 sweep cell(s) failed") and errors[1].endswith("ratio=1.5")
     cells = tmp_path / "outputs" / "adhoc"
     assert [p.parent.name for p in cells.glob("*/results.json")] == ["debug=tiny,method=shortgpt,ratio=0.25"]
-    assert (cells / "debug=tiny,method=shortgpt,ratio=1.5" / "error.txt").read_text().startswith("error: ratio")
+    error = (cells / "debug=tiny,method=shortgpt,ratio=1.5" / "error.txt").read_text()
+    assert error.startswith("error: ratio")
 
 
 def test_unreachable_ratio_and_unknown_names_fail(tmp_path: Path) -> None:
@@ -72,8 +73,8 @@ def test_unreachable_ratio_and_unknown_names_fail(tmp_path: Path) -> None:
     assert out.returncode == 2 and "does not exist" in out.stderr
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf file")
-    out = run_cli("debug=tiny", f"model.gguf_file={fake}", "model.gguf_sha256=00ff", "model.random_config=null",
-                  cwd=tmp_path)
+    out = run_cli("debug=tiny", f"model.gguf_file={fake}", "model.gguf_sha256=00ff",
+                  "model.random_config=null", cwd=tmp_path)
     assert out.returncode == 2 and "checksum mismatch" in out.stderr
     out = run_cli("debug=tiny", "model.path=/nonexistent/dir", "model.random_config=null", cwd=tmp_path)
     assert out.returncode == 2 and "model.path" in out.stderr
@@ -83,8 +84,8 @@ def test_unreachable_ratio_and_unknown_names_fail(tmp_path: Path) -> None:
 
 
 def test_save_true_reloads_with_stock_transformers(tmp_path: Path) -> None:
-    out = run_cli("debug=tiny", "method=shortgpt", "ratio=0.5", "save=true", "hydra.run.dir=" + str(tmp_path / "cell"),
-                  cwd=tmp_path)
+    out = run_cli("debug=tiny", "method=shortgpt", "ratio=0.5", "save=true",
+                  "hydra.run.dir=" + str(tmp_path / "cell"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     model_dir = tmp_path / "cell" / "model"
     assert (tmp_path / "cell" / "results.json").is_file() and (model_dir / "model.safetensors").is_file()
@@ -102,8 +103,9 @@ def test_save_true_reloads_with_stock_transformers(tmp_path: Path) -> None:
 
 def test_wandb_offline_run_is_written(tmp_path: Path) -> None:
     env_mode = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    out = subprocess.run([sys.executable, str(REPO / "run.py"), "debug=tiny", "logger=wandb", "method=last_layers",
-                          "ratio=0.25", f"hydra.run.dir={tmp_path}/cell"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(REPO / "run.py"), "debug=tiny", "logger=wandb",
+                          "method=last_layers", "ratio=0.25", f"hydra.run.dir={tmp_path}/cell"],
+                         capture_output=True, text=True,
                          cwd=tmp_path, env={**os.environ, **env_mode}, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     runs = list((tmp_path / "cell" / "wandb").glob("offline-run-*"))
@@ -121,7 +123,8 @@ def test_provenance_records_the_commit_imported_not_the_one_checked_out_later(mo
 def test_dense_speed_per_cell_measures_the_dense_model_in_the_cell(tmp_path: Path) -> None:
     args = ("debug=tiny", "method=shortgpt", "ratio=0.25", "eval=fast", "~eval.zeroshot", "~eval.ppl")
     env = {"PRUNE_CACHE_DIR": str(tmp_path / "cache")}
-    first = run_cli(*args, "dense_speed=per_cell", cwd=tmp_path, env=env)  # empty dense cache: one measurement
+    # An empty dense cache: one measurement
+    first = run_cli(*args, "dense_speed=per_cell", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "speed in this cell: the dense evaluation just run" in first.stderr + first.stdout
     for f in tmp_path.rglob("results.json"):

@@ -5,15 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from hydra.utils import instantiate
-from transformers import AutoModelForCausalLM
 
 from prune.methods.blockpruner import plain_evaluations
 from prune.methods.sleb import Sleb
 from prune.models import surgery
 from prune.models.adapter import adapter_for
-from tests.conftest import compose_config, make_identity, random_ids
+from tests.conftest import assert_reloads_identically, compose_config, make_identity
 from tests.test_blockpruner import _calib
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,11 +52,7 @@ def test_export_reloads_identical(tiny, tmp_path) -> None:
     plan = Sleb(cache=False).prune(adapter, _calib(n=2, length=12), 0.25)
     surgery.apply(adapter, plan)
     assert adapter.num_layers() == 3 and model.config.num_hidden_layers == 3
-    model.save_pretrained(tmp_path)
-    ids = random_ids(100)
-    with torch.inference_mode():
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert_reloads_identically(model, tmp_path)
 
 
 def test_config_composes() -> None:

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2To
 from prune.data.sources import hub_reachable
 from prune.errors import PruneError
 from prune.paths import bundled, cache_dir
-from prune.store import atomic_target
+from prune.store import atomic_target, digest
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def load_model_and_tokenizer(cfg: DictConfig) -> LoadedModel:
     elif cfg.get("gguf_package"):
         loaded = _load_gguf(_locate_package_file(cfg.gguf_package), cfg.gguf_package.sha256, cfg, dtype)
     else:
-        raise PruneError(f"model '{cfg.name}' names no source: set model.hub_id, model.path or model.gguf_file")
+        raise PruneError(f"model '{cfg.name}' names no source: set model.hub_id, model.path or "
+                         "model.gguf_file")
     if not cfg.get("device_map"):
         loaded.model.to(device=device, dtype=dtype)
     loaded.model.eval()
@@ -97,8 +98,8 @@ def _load_random(cfg: DictConfig) -> LoadedModel:
     torch.manual_seed(cfg.get("random_seed", 0))
     model = AutoModelForCausalLM.from_config(config)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    digest = hashlib.sha256(json.dumps([model_type, kwargs, cfg.get("random_seed", 0)], sort_keys=True).encode())
-    provenance = {"source": f"random:{model_type}", "key": f"random-{cfg.name}-{digest.hexdigest()[:12]}"}
+    key = digest([model_type, kwargs, cfg.get("random_seed", 0)], length=12)
+    provenance = {"source": f"random:{model_type}", "key": f"random-{cfg.name}-{key}"}
     return LoadedModel(model, tokenizer, provenance)
 
 
@@ -141,7 +142,8 @@ def _load_hub(cfg: DictConfig, dtype: torch.dtype) -> LoadedModel:
         tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg.hub_id)
     except OSError as err:
         raise PruneError(
-            f"could not load '{cfg.hub_id}' from the Hugging Face Hub or its local cache ({type(err).__name__}); "
+            f"could not load '{cfg.hub_id}' from the Hugging Face Hub or its local cache "
+            f"({type(err).__name__}); "
             "check network access and HF_TOKEN, or download it and pass model.path=/local/dir"
         ) from err
     provenance = {"source": f"hub:{cfg.hub_id}", "revision": revision, "key": f"hub-{cfg.hub_id}@{revision}"}
@@ -202,4 +204,5 @@ def _convert_gguf(path: Path, target: Path) -> None:
     with atomic_target(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(path), "sha256": sha256_file(path)}, indent=2))
+        source = {"gguf": str(path), "sha256": sha256_file(path)}
+        (tmp / "SOURCE.json").write_text(json.dumps(source, indent=2))
