@@ -175,9 +175,20 @@ def _save_model(loaded: LoadedModel, target: Path) -> None:
 
 
 def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path, plot_files: list[Path]) -> None:
+    """The cell's metrics, plan and the sweep's figures. ``cell/method`` (row label, the table's:
+    ``blockpruner[search=false]``) and ``cell/achieved_ratio`` (parameters removed, a fraction) go into the
+    summary and the run config too, so that a W&B panel can plot any metric against the achieved ratio,
+    grouped by method (README, "W&B dashboard")."""
     flat = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
     flat |= {f"dense/{k}": v for k, v in record["dense_metrics"].items() if isinstance(v, (int, float))}
-    logger.log_metrics(flat)
+    variant = tracking.method_overrides()
+    method = record["plan"]["method"] + (f"[{','.join(variant)}]" if variant else "")
+    cell = {"cell/method": method, "cell/ratio": record["config"]["ratio"],
+            "cell/achieved_ratio": record["metrics"].get("params/removed_frac")}
+    logger.log_metrics(flat | cell)  # type: ignore[arg-type]  # W&B summaries take strings too
+    run = getattr(logger, "run", None)  # a W&B logger: its config is what W&B's "Group by" offers
+    if run is not None:
+        run.config.update(cell, allow_val_change=True)
     plan = record["plan"]
     if plan["drop_layers"]:
         logger.log_table("plan/removed_layers", ["layer"], [[i] for i in plan["drop_layers"]])

@@ -69,7 +69,8 @@ def aggregate(table: str, overrides: list[str], results_dir: Path | None = None,
     markdown = render.markdown(render.header(spec, sweep, matched, model, failed), shown, notes)
     out = results_dir or sweep.table_dir
     render.write_tables(out, df, markdown, render.latex(spec, sweep, model, shown, notes))
-    images = render.copy_plots(sweep.directory, out) if records else {}
+    name = f"{sweep.table} [{sweep.scale.get('name', '-')}]"
+    images = render.draw_plots(df, out, name) if matched.done else {}
     meta = _meta(sweep, matched, failed, model)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(markdown)

@@ -1,10 +1,9 @@
 """A table's comparison frame as people read it: Markdown (with a header saying what the sweep was), CSV
-(full precision), LaTeX, the sweep's plots beside them, and a W&B summary run of the sweep's group."""
+(full precision), LaTeX, the table's figures beside them, and a W&B summary run of the sweep's group."""
 
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +113,12 @@ def write_tables(out: Path, df: Any, markdown_text: str, latex_text: str) -> Non
     (out / "table.tex").write_text(latex_text)
 
 
-def copy_plots(sweep_dir: Path, out: Path) -> dict[str, Path]:
-    """Redraw the sweep's plots and copy them beside the table: {plot name: its copy}."""
+def draw_plots(df: Any, out: Path, name: str) -> dict[str, Path]:
+    """The table's figures beside it (PNG and PDF; ours and the papers' figures, ``prune.plots``):
+    {figure name: its PNG}."""
     from prune import plots
 
-    return {png.stem: Path(shutil.copy2(png, out / png.name)) for png in plots.write_plots(sweep_dir)}
+    return {png.stem: png for png in plots.write_table_plots(df, out, name)}
 
 
 def log_summary(sweep: Sweep, meta: dict[str, Any], shown: Any, out: Path, images: dict[str, Path]) -> None:

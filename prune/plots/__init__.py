@@ -1,0 +1,64 @@
+"""The sweep figures: perplexity, zero-shot mean (with its 95% intervals) and the prefill, decode and
+throughput speed-ups against the achieved ratio, one fixed style per method (``prune.styles``). Drawn from a
+sweep's ``results.json`` files into the sweep directory after every run (so they are always current, and
+logged to W&B by the runner), and from a table (with the papers' figures as hollow markers) beside it by
+``python -m prune.tables``. Each figure is a PNG and a PDF.
+
+    python -m prune.plots outputs/<experiment_name>                                   # redraw a sweep's
+    python -m prune.plots --from-table experiments/table2/results/reference/table.csv  # a table's, beside it
+
+Modules: ``points`` (the data, from cells or a table), ``draw`` (the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prune.errors import PruneError
+from prune.plots.draw import FIGURES, PlotOptions, write_figures
+from prune.plots.points import from_cells, from_table, load_cells, read_table
+
+__all__ = ["FIGURES", "PlotOptions", "load_cells", "main", "write_plots", "write_table_plots"]
+
+
+def write_plots(root: Path, out: Path | None = None, options: PlotOptions = PlotOptions()) -> list[Path]:
+    """The figures of the sweep directory `root` (its cells' ``results.json``) into `out` (default: `root`);
+    returns the PNG paths written (none without finished cells)."""
+    records = load_cells(root)
+    if not records:
+        return []
+    return write_figures(from_cells(records), out or root, root.name, options)
+
+
+def write_table_plots(frame: Any, out: Path, name: str, options: PlotOptions = PlotOptions()) -> list[Path]:
+    """The figures of a table frame (``build_table``'s, or ``table.csv``), the papers' figures included."""
+    return write_figures(from_table(frame), out, name, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m prune.plots", description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("sweep_dir", type=Path, nargs="?", help="a sweep directory, e.g. outputs/<experiment>")
+    ap.add_argument("--from-table", type=Path, help="draw from a table.csv of python -m prune.tables instead")
+    ap.add_argument("--out", type=Path, help="write here (default: beside the sweep's cells or the table)")
+    ap.add_argument("--ppl-cut", type=float, default=PlotOptions.ppl_cut,
+                    help="perplexity above this many times the dense one is off scale (default: %(default)g)")
+    ap.add_argument("--ppl-max", type=float, help="or above this perplexity (overrides --ppl-cut)")
+    args = ap.parse_args(argv)
+    options = PlotOptions(ppl_cut=args.ppl_cut, ppl_max=args.ppl_max)
+    try:
+        if (args.sweep_dir is None) == (args.from_table is None):
+            raise PruneError("pass either a sweep directory or --from-table <table.csv>")
+        if args.from_table:
+            table = args.from_table
+            name = f"{table.parent.parent.parent.name} [{table.parent.name}]"
+            written = write_figures(read_table(table), args.out or table.parent, name, options)
+        else:
+            written = write_plots(args.sweep_dir, args.out, options)
+    except PruneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written) or "nothing to draw")
+    return 0

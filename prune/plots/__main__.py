@@ -1,0 +1,5 @@
+import sys
+
+from prune.plots import main
+
+sys.exit(main())

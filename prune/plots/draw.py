@@ -1,0 +1,313 @@
+"""The sweep figures: perplexity, zero-shot mean and the three speed-ups against the achieved ratio.
+
+Every method keeps its style (``prune.styles``); the paper's figures are hollow markers of the same style; the
+dense model is a horizontal reference line (speed-ups: 1x) and the ideal speed-up (dense parameters over the
+row's) a dashed grey line. One legend per figure, outside the axes. Perplexity keeps its informative range:
+values above the cut (``PlotOptions``) are drawn in a shaded "off scale" strip at the top with their value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.transforms import ScaledTranslation  # noqa: E402
+
+from prune.styles import DENSE, DENSE_STYLE, Style, legend_order, styles_for  # noqa: E402
+
+X = "x"
+IDEAL = "speed/ideal_speedup"
+FORMATS = ("png", "pdf")  # a raster for READMEs and W&B, a vector copy for papers
+RC = {"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8, "axes.labelsize": 9}
+# Inches: a one-panel figure is 5.8 x 3.6, legible at a README's width and at a paper's two-column width.
+PANEL_WIDTH_IN, LEGEND_WIDTH_IN, HEIGHT_IN = 3.2, 2.6, 3.6
+LEGEND_ROW_PT = 14  # height of one legend entry at 8 pt, to know when a second column is needed
+# Sideways shift between methods' error bars at one ratio, so that each stays visible; at most DODGE_SPAN_PT
+# between the first method's and the last's, so that no point strays far from its ratio.
+DODGE_PT, DODGE_SPAN_PT = 2.0, 24.0
+OFF_SCALE_STEP_PT = 9.0  # off-scale values at one ratio stand side by side, this far apart
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One axes: a metric of the points, its axis label, log scale, its 95% margin column, speed-up axes."""
+
+    key: str
+    label: str
+    log: bool = False
+    margin: str | None = None
+    speed: bool = False
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One file: its stem, its title, its panels side by side (sharing the y axis)."""
+
+    stem: str
+    title: str
+    panels: tuple[Panel, ...]
+
+
+FIGURES = (
+    Figure("ppl_vs_ratio", "WikiText-2 perplexity",
+           (Panel("ppl/wikitext2", "WikiText-2 perplexity", log=True),)),
+    Figure("zeroshot_vs_ratio", "zero-shot mean accuracy",
+           (Panel("zs/mean", "zero-shot mean accuracy (%)", margin="zs/mean_stderr"),)),
+    Figure("speedup_vs_ratio", "speed-up over the dense model, per speed protocol",
+           (Panel("speed/prefill_speedup", "prefill speed-up (x dense)", speed=True),
+            Panel("speed/decode_speedup", "decode speed-up (x dense)", speed=True),
+            Panel("speed/throughput_speedup", "throughput speed-up (x dense)", speed=True))),
+)
+
+
+@dataclass(frozen=True)
+class PlotOptions:
+    """The perplexity cut: values above ``ppl_max``, or else above ``ppl_cut`` times the dense perplexity,
+    are drawn off scale (no dense perplexity and no ``ppl_max``: no cut)."""
+
+    ppl_cut: float = 100.0
+    ppl_max: float | None = None
+
+
+@dataclass
+class Legend:
+    """What the figure's legend needs: the methods drawn and which reference marks appeared."""
+
+    methods: set[str]
+    marks: dict[str, Any]
+
+
+def write_figures(points: Any, out: Path, name: str, options: PlotOptions = PlotOptions()) -> list[Path]:
+    """Draw every figure that has data into `out` (PNG and PDF); returns the PNG paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for figure, fig in draw_figures(points, name, options):
+        for fmt in FORMATS:
+            fig.savefig(out / f"{figure.stem}.{fmt}", dpi=200)
+        plt.close(fig)
+        written.append(out / f"{figure.stem}.png")
+    return written
+
+
+def draw_figures(points: Any, name: str,
+                 options: PlotOptions = PlotOptions()) -> Iterator[tuple[Figure, Any]]:
+    """Each figure of ``FIGURES`` that the points have data for, with its matplotlib figure (left open)."""
+    styles = styles_for(points["method"])
+    for figure in FIGURES:
+        panels = [p for p in figure.panels if p.key in points.columns and points[p.key].notna().any()]
+        if panels:
+            with plt.rc_context(RC):  # font sizes are fixed when the texts are made
+                fig = draw_figure(points, figure, panels, styles, f"{name}: {figure.title}", options)
+            yield figure, fig
+
+
+def draw_figure(points: Any, figure: Figure, panels: list[Panel], styles: dict[str, Style], title: str,
+                options: PlotOptions) -> Any:
+    """The figure: its panels side by side, the legend to the right of all of them."""
+    width = PANEL_WIDTH_IN * len(panels) + LEGEND_WIDTH_IN
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, HEIGHT_IN), sharey=True, squeeze=False,
+                             layout="constrained")
+    legend = Legend(methods=set(), marks={})
+    y_ranges = []
+    for ax, panel in zip(axes[0], panels):
+        y_ranges.append(draw_panel(ax, points, panel, styles, legend, options))
+        ax.set_title(panel.label if len(panels) > 1 else "")
+    y_ranges = [r for r in y_ranges if r is not None]
+    if y_ranges:  # the panels share their y axis: the range that holds all of them
+        axes[0][0].set_ylim(min(r[0] for r in y_ranges), max(r[1] for r in y_ranges))
+    axes[0][0].set_ylabel(panels[0].label if len(panels) == 1 else "speed-up (x dense)")
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left")  # left: the legend takes the right-hand side
+    handles = [Line2D([], [], color=styles[m].color, marker=styles[m].marker, linestyle=styles[m].linestyle,
+                      label=m) for m in sorted(legend.methods, key=legend_order)]
+    handles += list(legend.marks.values())
+    rows = max(1, int(HEIGHT_IN * 72 * 0.85 // LEGEND_ROW_PT))  # more entries than fit: a second column
+    columns = math.ceil(len(handles) / rows)
+    fig.legend(handles=handles, loc="outside right upper", ncols=columns, frameon=False)
+    fig.set_size_inches(width + (columns - 1) * LEGEND_WIDTH_IN, HEIGHT_IN)  # the panels keep their width
+    return fig
+
+
+def draw_panel(ax: Any, points: Any, panel: Panel, styles: dict[str, Style], legend: Legend,
+               options: PlotOptions) -> tuple[float, float] | None:
+    """One metric against the achieved ratio: reference lines, our curves, the papers' hollow markers.
+    Returns the y range it needs."""
+    has = points[points[panel.key].notna()]
+    ours, paper = has[has["kind"] == "ours"], has[has["kind"] == "paper"]
+    reference = _reference(ax, ours, panel, legend)
+    if panel.speed:
+        _ideal(ax, points[points["kind"] == "ours"], legend)
+    cut = _cut(panel, reference, options)
+    off = _curves(ax, ours[ours["method"] != DENSE], panel, styles, cut, legend)
+    _paper(ax, paper, panel, styles, legend)
+    ax.set_xlabel("parameters removed (%)")
+    ax.grid(alpha=0.3)
+    if panel.log:
+        ax.set_yscale("log")
+    y_range = _limits(ax, panel, _shown(has, panel, reference, cut), [*points[X].dropna()], cut, bool(off))
+    if off and cut is not None and y_range is not None:
+        ax.set_ylim(*y_range)  # the strip is drawn up to the top of the axes
+        _off_scale(ax, off, cut, legend)
+    return y_range
+
+
+def _reference(ax: Any, ours: Any, panel: Panel, legend: Legend) -> float | None:
+    """The dense model's value as a horizontal line (a speed-up: 1); returns it (None: no dense row)."""
+    dense = ours[ours["method"] == DENSE][panel.key]
+    reference = 1.0 if panel.speed else (float(dense.iloc[0]) if len(dense) else None)
+    if reference is not None:
+        ax.axhline(reference, color=DENSE_STYLE.color, linewidth=1.0, alpha=0.6, zorder=1)
+        legend.marks["dense"] = Line2D([], [], color=DENSE_STYLE.color, alpha=0.6, label="dense")
+    return reference
+
+
+def _curves(ax: Any, curves: Any, panel: Panel, styles: dict[str, Style], cut: float | None,
+            legend: Legend) -> list[tuple[float, float, Style]]:
+    """Each method's curve; returns the values above the cut as (x, y, style)."""
+    methods = sorted(set(curves["method"]), key=legend_order)
+    dodge = min(DODGE_PT, DODGE_SPAN_PT / max(1, len(methods) - 1)) if _has_margin(curves, panel) else 0.0
+    off = []
+    for i, method in enumerate(methods):
+        s = series(curves[curves["method"] == method], panel)
+        _curve(ax, method, s, styles[method], cut, (i - (len(methods) - 1) / 2) * dodge, legend)
+        if cut is not None:
+            off += [(x, y, styles[method]) for x, y in zip(s["x"], s["y"]) if y > cut]
+    legend.methods.update(methods)
+    return off
+
+
+def _shown(has: Any, panel: Panel, reference: float | None, cut: float | None) -> list[float]:
+    """The values the y axis must hold: every point under the cut, its 95% interval, the reference."""
+    values = [*has[panel.key], *([reference] if reference is not None else [])]
+    if panel.margin and panel.margin in has.columns:
+        margin = has[panel.margin].fillna(0.0)
+        values += [*(has[panel.key] - margin), *(has[panel.key] + margin)]
+    return [v for v in values if v == v and (cut is None or v <= cut)]
+
+
+def _has_margin(rows: Any, panel: Panel) -> bool:
+    return bool(panel.margin and panel.margin in rows.columns and rows[panel.margin].notna().any())
+
+
+def series(rows: Any, panel: Panel) -> Any:
+    """One method's points by ratio: x, y (mean over seeds), lo/hi (seed range), n, margin (mean)."""
+    columns = {"x": (X, "mean"), "y": (panel.key, "mean"), "lo": (panel.key, "min"),
+               "hi": (panel.key, "max"), "n": (panel.key, "size")}
+    if panel.margin and panel.margin in rows.columns:
+        columns["margin"] = (panel.margin, "mean")
+    return rows.groupby("ratio", dropna=False).agg(**columns).sort_values("x").reset_index(drop=True)
+
+
+def _cut(panel: Panel, reference: float | None, options: PlotOptions) -> float | None:
+    if not panel.log:
+        return None
+    if options.ppl_max is not None:
+        return options.ppl_max
+    return options.ppl_cut * reference if reference else None
+
+
+def _curve(ax: Any, label: str, s: Any, style: Style, cut: float | None, dodge_pt: float,
+           legend: Legend) -> None:
+    """A method's line (off-scale values held at the cut), its markers, its seed band and 95% bars."""
+    y_line = s["y"]
+    if cut is not None:  # into the strip from the last value on scale; between two off-scale values, nothing
+        off = s["y"] > cut
+        y_line = s["y"].clip(upper=cut).where(~off | ~off.shift(1, fill_value=True)
+                                               | ~off.shift(-1, fill_value=True))
+    shift = ax.transData + ScaledTranslation(dodge_pt / 72, 0, ax.figure.dpi_scale_trans)
+    ax.plot(s["x"], y_line, color=style.color, linestyle=style.linestyle, linewidth=1.4, zorder=3,
+            transform=shift)
+    inside = s if cut is None else s[s["y"] <= cut]
+    ax.plot(inside["x"], inside["y"], color=style.color, marker=style.marker, linestyle="none",
+            markersize=6, zorder=4, transform=shift, gid=f"method:{label}")
+    if (s["n"] > 1).any():
+        ax.fill_between(s["x"], s["lo"], s["hi"], color=style.color, alpha=0.15, linewidth=0, zorder=2,
+                        gid="seed-band")
+        legend.marks["band"] = Patch(color="grey", alpha=0.3, label="seed range (min-max)")
+    if "margin" in s and s["margin"].notna().any():
+        ax.errorbar(s["x"], s["y"], yerr=s["margin"], fmt="none", ecolor=style.color, elinewidth=0.9,
+                    capsize=2.5, zorder=3, transform=shift)
+        legend.marks["margin"] = Line2D([], [], color="grey", marker="|", markersize=10, linestyle="none",
+                                        label="95% interval (items)")
+
+
+def _paper(ax: Any, paper: Any, panel: Panel, styles: dict[str, Style], legend: Legend) -> None:
+    """The papers' figures: hollow markers of the method's style, no line (other models, other setups)."""
+    for method, rows in paper.groupby("method"):
+        style = styles[method]
+        ax.scatter(rows[X], rows[panel.key], marker=style.marker, s=48, facecolors="none",
+                   edgecolors=style.color, linewidths=1.3, zorder=5, gid=f"paper:{method}")
+        if method != DENSE:
+            legend.methods.add(method)
+    if len(paper):
+        legend.marks["paper"] = Line2D([], [], color="grey", marker="o", markerfacecolor="none",
+                                       linestyle="none", label="paper (hollow)")
+
+
+def _ideal(ax: Any, ours: Any, legend: Legend) -> None:
+    """The speed-up the parameters removed would give alone: one dashed curve from the dense point."""
+    if IDEAL not in ours.columns or not ours[IDEAL].notna().any():
+        return
+    pts = sorted({(0.0, 1.0), *ours[ours[IDEAL].notna()][[X, IDEAL]].itertuples(index=False, name=None)})
+    ax.plot(*zip(*pts), color="grey", linestyle="--", linewidth=1.2, zorder=2)
+    legend.marks["ideal"] = Line2D([], [], color="grey", linestyle="--", label="ideal (params removed)")
+
+
+def _limits(ax: Any, panel: Panel, shown: list[float], xs: list[float], cut: float | None,
+            off: bool) -> tuple[float, float] | None:
+    """The x limits (set here: curves shifted sideways are not autoscaled) and the y range the values shown
+    need, with room at the top for the off-scale strip when there is one."""
+    ax.set_xlim(min(0.0, *xs) - 2.0, max(xs) * 1.05 + 2.0)
+    if not shown:
+        return None
+    low, high = min(shown), max(shown)
+    if panel.log:
+        low, high = low / 1.4, high * 1.4
+        if off:
+            high = cut * (cut / low) ** 0.28  # the strip: about a fifth of the axes' height above the cut
+    else:
+        pad = 0.08 * (high - low or abs(high) or 1.0)
+        low, high = low - pad, high + pad
+    return low, high
+
+
+def _off_scale(ax: Any, off: list[tuple[float, float, Style]], cut: float, legend: Legend) -> None:
+    """Each value above the cut: an upward triangle in the shaded strip above it, with the value written
+    above; values at the same ratio side by side, largest first."""
+    top = ax.get_ylim()[1]
+    ax.axhspan(cut, top, color="0.92", zorder=0)
+    ax.axhline(cut, color="0.6", linewidth=0.8, linestyle=":", zorder=1)
+    ax.text(0.01, 0.985, f"off scale (> {cut:.4g})", transform=ax.transAxes, va="top", fontsize=7,
+            color="0.35")
+    y_mark = cut * (top / cut) ** 0.12
+    by_x: dict[float, list[tuple[float, Style]]] = {}
+    for x, y, style in off:
+        by_x.setdefault(round(x, 1), []).append((y, style))
+    for x, group in by_x.items():
+        group.sort(key=lambda item: -item[0])
+        for i, (y, style) in enumerate(group):
+            dx = (i - (len(group) - 1) / 2) * OFF_SCALE_STEP_PT
+            offset = ScaledTranslation(dx / 72, 0, ax.figure.dpi_scale_trans)
+            ax.plot([x], [y_mark], marker="^", color=style.color, markersize=6, linestyle="none", zorder=6,
+                    transform=ax.transData + offset, gid="off-scale")
+            ax.annotate(off_scale_text(y), (x, y_mark), xytext=(dx, 5), textcoords="offset points",
+                        rotation=90, ha="center", va="bottom", fontsize=6, color=style.color,
+                        gid="off-scale-label", annotation_clip=False)
+    legend.marks["off"] = Line2D([], [], color="grey", marker="^", linestyle="none",
+                                 label="off scale (value written)")
+
+
+def off_scale_text(value: float) -> str:
+    """A value in a few characters: 2,534 / 1.7e11."""
+    if value < 1e5:
+        return f"{value:,.0f}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
