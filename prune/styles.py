@@ -2,13 +2,13 @@
 
 Colours and markers are both distinct, so two methods differ even in grey print. Methods not in the table
 (a new one, before its row is added) and grid variants (``blockpruner[search=false]``) get styles that no
-other label of the same figure has: a variant keeps its method's colour with a marker of its own and a
-dashed line, an unknown name takes the next unused colour-marker pair.
+other label of the same figure has: a variant keeps its method's marker, with a spare colour of its own
+(variants are compared with each other, side by side) and a dashed line; an unknown name takes the next
+unused colour-marker pair.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -69,19 +69,21 @@ def styles_for(labels: Iterable[str]) -> dict[str, Style]:
     """A style for each label, no two alike: the table's for known methods, fresh ones for the rest."""
     labels = sorted(set(labels), key=legend_order)
     styles = {label: METHOD_STYLES[label] for label in labels if label in METHOD_STYLES}
-    used = {(s.color, s.marker) for s in METHOD_STYLES.values()}
-    spare = ((c, m) for c, m in itertools.chain(
-        zip(SPARE_COLORS, MARKERS), itertools.product((*SPARE_COLORS, *(s.color for s in styles.values())),
-                                                      MARKERS)) if (c, m) not in used)
+    taken = {(s.color, s.marker) for s in METHOD_STYLES.values()}
     for label in labels:
-        if label in styles:
-            continue
-        base = METHOD_STYLES.get(base_method(label))
-        if base is not None:  # a variant: its method's colour, a marker of its own
-            marker = next(m for m in MARKERS if (base.color, m) not in used)
-            styles[label] = Style(base.color, marker, "--")
-        else:
-            color, marker = next(spare)
-            styles[label] = Style(color, marker)
-        used.add((styles[label].color, styles[label].marker))
+        if label not in styles:
+            base = METHOD_STYLES.get(base_method(label))  # a variant: its method's marker, dashed
+            styles[label] = _fresh(taken, base.marker if base else None, "--" if base else "-")
+            taken.add((styles[label].color, styles[label].marker))
     return styles
+
+
+def _fresh(taken: set[tuple[str, str]], marker: str | None, linestyle: str) -> Style:
+    """A style not in `taken`: a spare colour nobody uses yet if one is left (with `marker`, or a marker
+    that changes from one label to the next), else any free colour-marker pair."""
+    used_colors = {color for color, _ in taken}
+    colors = [c for c in SPARE_COLORS if c not in used_colors] + [*SPARE_COLORS, *sorted(used_colors)]
+    turn = len(taken) % len(MARKERS)
+    markers = ([marker] if marker else []) + list(MARKERS[turn:] + MARKERS[:turn])
+    color, chosen = next((c, m) for c in colors for m in markers if (c, m) not in taken)
+    return Style(color, chosen, linestyle)

@@ -87,7 +87,9 @@ def test_styles_are_distinct_and_fixed() -> None:
     assert len({s.color for s in METHOD_STYLES.values()}) == len(METHOD_STYLES)  # colours alone tell apart
     assert set(COMING) <= set(METHOD_STYLES) and len(METHOD_STYLES) >= 18
     assert styles_for(["sleb"])["sleb"] == styles["sleb"] == METHOD_STYLES["sleb"]  # the same in any figure
-    assert styles["blockpruner[search=false]"].color == METHOD_STYLES["blockpruner"].color
+    variant = styles["blockpruner[search=false]"]  # its method's marker, a colour of its own, dashed
+    assert (variant.marker, variant.linestyle) == (METHOD_STYLES["blockpruner"].marker, "--")
+    assert variant.color not in {s.color for s in METHOD_STYLES.values()}
 
 
 def test_cells_labelled_like_the_tables(sweep: tuple[Path, int]) -> None:

@@ -27,6 +27,7 @@ from prune.styles import DENSE, DENSE_STYLE, Style, legend_order, styles_for  # 
 X = "x"
 IDEAL = "speed/ideal_speedup"
 FORMATS = ("png", "pdf")  # a raster for READMEs and W&B, a vector copy for papers
+METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None}}  # same data, same bytes: no diff noise
 RC = {"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8, "axes.labelsize": 9}
 # Inches: a one-panel figure is 5.8 x 3.6, legible at a README's width and at a paper's two-column width.
 PANEL_WIDTH_IN, LEGEND_WIDTH_IN, HEIGHT_IN = 3.2, 2.6, 3.6
@@ -106,7 +107,7 @@ def draw_figures(points: Any, name: str,
         panels = [p for p in figure.panels if p.key in points.columns and points[p.key].notna().any()]
         if panels:
             with plt.rc_context(RC):  # font sizes are fixed when the texts are made
-                fig = draw_figure(points, figure, panels, styles, f"{name}: {figure.title}", options)
+                fig = draw_figure(points, figure, panels, styles, f"{name}\n{figure.title}", options)
             yield figure, fig
 
 
@@ -125,7 +126,7 @@ def draw_figure(points: Any, figure: Figure, panels: list[Panel], styles: dict[s
     if y_ranges:  # the panels share their y axis: the range that holds all of them
         axes[0][0].set_ylim(min(r[0] for r in y_ranges), max(r[1] for r in y_ranges))
     axes[0][0].set_ylabel(panels[0].label if len(panels) == 1 else "speed-up (x dense)")
-    fig.suptitle(title, fontsize=10, x=0.01, ha="left")  # left: the legend takes the right-hand side
+    fig.suptitle(title, fontsize=9, x=0.01, ha="left")  # left, two short lines: the legend is on the right
     handles = [Line2D([], [], color=styles[m].color, marker=styles[m].marker, linestyle=styles[m].linestyle,
                       label=m) for m in sorted(legend.methods, key=legend_order)]
     handles += list(legend.marks.values())
@@ -148,6 +149,9 @@ def draw_panel(ax: Any, points: Any, panel: Panel, styles: dict[str, Style], leg
     cut = _cut(panel, reference, options)
     off = _curves(ax, ours[ours["method"] != DENSE], panel, styles, cut, legend)
     _paper(ax, paper, panel, styles, legend)
+    if panel.margin and not _has_margin(ours, panel) and len(ours):
+        ax.text(0.99, 0.01, "95% intervals not drawn: no zs/mean_stderr in these results", fontsize=6.5,
+                color="0.4", ha="right", va="bottom", transform=ax.transAxes)
     ax.set_xlabel("parameters removed (%)")
     ax.grid(alpha=0.3)
     if panel.log:
@@ -265,7 +269,7 @@ def _limits(ax: Any, panel: Panel, shown: list[float], xs: list[float], cut: flo
             off: bool) -> tuple[float, float] | None:
     """The x limits (set here: curves shifted sideways are not autoscaled) and the y range the values shown
     need, with room at the top for the off-scale strip when there is one."""
-    ax.set_xlim(min(0.0, *xs) - 2.0, max(xs) * 1.05 + 2.0)
+    ax.set_xlim(min(xs) - 2.0, max(xs) * 1.05 + 2.0)
     if not shown:
         return None
     low, high = min(shown), max(shown)
