@@ -5,6 +5,7 @@ seed bands, the papers' figures as hollow markers; and the W&B fields a dashboar
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,7 +14,7 @@ import matplotlib.pyplot as plt
 import pytest
 
 from prune import plots
-from prune.plots.draw import FIGURES, draw_figures, off_scale_text
+from prune.plots.draw import FIGURES, PlotOptions, draw_figures, off_scale_text
 from prune.plots.points import from_cells, read_table
 from prune.styles import METHOD_STYLES, styles_for
 
@@ -69,10 +70,12 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     return root, synthetic_sweep(root)
 
 
-@pytest.fixture(scope="module")
-def figures(sweep: tuple[Path, int]) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=[False, True], ids=["wide", "column"])
+def figures(sweep: tuple[Path, int], request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The synthetic sweep's figures, drawn (so that their boxes are known), in each layout."""
     points = from_cells(plots.load_cells(sweep[0]))
-    figs = {figure.stem: fig for figure, fig in draw_figures(points, "synthetic")}
+    options = PlotOptions(column=request.param)
+    figs = {figure.stem: fig for figure, fig in draw_figures(points, "synthetic", options)}
     for fig in figs.values():
         fig.canvas.draw()
     yield figs
@@ -129,7 +132,9 @@ def test_off_scale_values_drawn_and_labelled(figures: dict[str, Any]) -> None:
     assert len(marks) == 2 and labels == [off_scale_text(HUGE)] * 2 == ["1.7e11"] * 2
     bottom, top = ax.get_ylim()
     assert all(bottom < line.get_ydata()[0] < top for line in marks)  # inside the axes, in the strip
-    assert top < 100 * 20.0 * 10  # the axis stops near the cut (100x dense), not at 1e11
+    cut = 100 * DENSE["ppl/wikitext2"]  # the default cut: 100x the dense perplexity
+    share = math.log(cut / bottom) / math.log(top / bottom)  # of the axes' height, below the cut
+    assert 0.5 < share < 0.9 and top < 1e6  # most of the axis for the values on scale, not up to 1e11
     assert off_scale_text(2534.4) == "2,534"
 
 
@@ -154,8 +159,10 @@ def test_table_figures_with_hollow_paper_markers(tmp_path: Path) -> None:
         for fig in figs.values():
             plt.close(fig)
     assert plots.main(["--from-table", str(table), "--out", str(tmp_path)]) == 0
+    assert plots.main(["--from-table", str(table), "--out", str(tmp_path), "--column"]) == 0
     for stem in ("ppl_vs_ratio", "zeroshot_vs_ratio", "speedup_vs_ratio"):
-        assert (tmp_path / f"{stem}.png").stat().st_size > 0 and (tmp_path / f"{stem}.pdf").is_file()
+        for name in (stem, f"{stem}_column"):
+            assert (tmp_path / f"{name}.png").stat().st_size > 0 and (tmp_path / f"{name}.pdf").is_file()
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ logged to W&B by the runner), and from a table (with the papers' figures as holl
 
     python -m prune.plots outputs/<experiment_name>                                   # redraw a sweep's
     python -m prune.plots --from-table experiments/table2/results/reference/table.csv  # a table's, beside it
+    python -m prune.plots --from-table .../table.csv --column     # 3.4 in wide for a paper column
 
 Modules: ``points`` (the data, from cells or a table), ``draw`` (the figures).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,11 @@ def write_plots(root: Path, out: Path | None = None, options: PlotOptions = Plot
 
 
 def write_table_plots(frame: Any, out: Path, name: str, options: PlotOptions = PlotOptions()) -> list[Path]:
-    """The figures of a table frame (``build_table``'s, or ``table.csv``), the papers' figures included."""
-    return write_figures(from_table(frame), out, name, options)
+    """The figures of a table frame (``build_table``'s, or ``table.csv``), the papers' figures included, in
+    the wide layout (returned: its PNG paths) and the paper-column one (``<stem>_column.*``)."""
+    points = from_table(frame)
+    write_figures(points, out, name, replace(options, column=True))
+    return write_figures(points, out, name, replace(options, column=False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl-cut", type=float, default=PlotOptions.ppl_cut,
                     help="perplexity above this many times the dense one is off scale (default: %(default)g)")
     ap.add_argument("--ppl-max", type=float, help="or above this perplexity (overrides --ppl-cut)")
+    ap.add_argument("--column", action="store_true",
+                    help="the paper-column layout (3.4 in wide, legend below): <stem>_column.png/.pdf")
     args = ap.parse_args(argv)
-    options = PlotOptions(ppl_cut=args.ppl_cut, ppl_max=args.ppl_max)
+    options = PlotOptions(ppl_cut=args.ppl_cut, ppl_max=args.ppl_max, column=args.column)
     try:
         if (args.sweep_dir is None) == (args.from_table is None):
             raise PruneError("pass either a sweep directory or --from-table <table.csv>")

@@ -28,14 +28,19 @@ X = "x"
 IDEAL = "speed/ideal_speedup"
 FORMATS = ("png", "pdf")  # a raster for READMEs and W&B, a vector copy for papers
 METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None}}  # same data, same bytes: no diff noise
+# Wide layout (README, W&B, a paper's full width): a one-panel figure is 5.8 x 3.6 inches, fonts 8-9 pt.
 RC = {"font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8, "axes.labelsize": 9}
-# Inches: a one-panel figure is 5.8 x 3.6, legible at a README's width and at a paper's two-column width.
 PANEL_WIDTH_IN, LEGEND_WIDTH_IN, HEIGHT_IN = 3.2, 2.6, 3.6
 LEGEND_ROW_PT = 14  # height of one legend entry at 8 pt, to know when a second column is needed
+# Column layout (one column of a two-column paper, printed at 100%): 3.4 inches wide, fonts 6.5-7 pt.
+COLUMN_RC = {"font.size": 7, "axes.titlesize": 7, "legend.fontsize": 6.5, "axes.labelsize": 7,
+             "xtick.labelsize": 6.5, "ytick.labelsize": 6.5, "lines.markersize": 4}
+COLUMN_WIDTH_IN, COLUMN_PANEL_HEIGHT_IN, COLUMN_LEGEND_ROW_PT = 3.4, 2.3, 10
 # Sideways shift between methods' error bars at one ratio, so that each stays visible; at most DODGE_SPAN_PT
 # between the first method's and the last's, so that no point strays far from its ratio.
 DODGE_PT, DODGE_SPAN_PT = 2.0, 24.0
-OFF_SCALE_STEP_PT = 9.0  # off-scale values at one ratio stand side by side, this far apart
+OFF_SCALE_STEP_EM = 1.0  # off-scale values at one ratio stand side by side, a font size apart
+OFF_SCALE_STRIP_PT = 40.0  # height of the off-scale strip: a marker and a number written upwards
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,13 @@ FIGURES = (
 @dataclass(frozen=True)
 class PlotOptions:
     """The perplexity cut: values above ``ppl_max``, or else above ``ppl_cut`` times the dense perplexity,
-    are drawn off scale (no dense perplexity and no ``ppl_max``: no cut)."""
+    are drawn off scale (no dense perplexity and no ``ppl_max``: no cut). ``column``: the paper-column
+    layout (3.4 inches wide, panels stacked, legend below; files ``<stem>_column.*``) instead of the wide
+    one (legend on the right)."""
 
     ppl_cut: float = 100.0
     ppl_max: float | None = None
+    column: bool = False
 
 
 @dataclass
@@ -90,12 +98,13 @@ class Legend:
 def write_figures(points: Any, out: Path, name: str, options: PlotOptions = PlotOptions()) -> list[Path]:
     """Draw every figure that has data into `out` (PNG and PDF); returns the PNG paths."""
     out.mkdir(parents=True, exist_ok=True)
+    suffix = "_column" if options.column else ""
     written = []
     for figure, fig in draw_figures(points, name, options):
         for fmt in FORMATS:
-            fig.savefig(out / f"{figure.stem}.{fmt}", dpi=200)
+            fig.savefig(out / f"{figure.stem}{suffix}.{fmt}", dpi=200, metadata=METADATA[fmt])
         plt.close(fig)
-        written.append(out / f"{figure.stem}.png")
+        written.append(out / f"{figure.stem}{suffix}.png")
     return written
 
 
@@ -106,35 +115,58 @@ def draw_figures(points: Any, name: str,
     for figure in FIGURES:
         panels = [p for p in figure.panels if p.key in points.columns and points[p.key].notna().any()]
         if panels:
-            with plt.rc_context(RC):  # font sizes are fixed when the texts are made
+            with plt.rc_context(COLUMN_RC if options.column else RC):  # sizes are fixed as texts are made
                 fig = draw_figure(points, figure, panels, styles, f"{name}\n{figure.title}", options)
             yield figure, fig
 
 
 def draw_figure(points: Any, figure: Figure, panels: list[Panel], styles: dict[str, Style], title: str,
                 options: PlotOptions) -> Any:
-    """The figure: its panels side by side, the legend to the right of all of them."""
-    width = PANEL_WIDTH_IN * len(panels) + LEGEND_WIDTH_IN
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, HEIGHT_IN), sharey=True, squeeze=False,
+    """The figure: its panels sharing the y axis, one legend outside all of them."""
+    n = len(panels)
+    shape, size = ((n, 1), (COLUMN_WIDTH_IN, COLUMN_PANEL_HEIGHT_IN * n)) if options.column else \
+        ((1, n), (PANEL_WIDTH_IN * n + LEGEND_WIDTH_IN, HEIGHT_IN))
+    fig, grid = plt.subplots(*shape, figsize=size, sharex=True, sharey=True, squeeze=False,
                              layout="constrained")
+    axes = list(grid.flat)
     legend = Legend(methods=set(), marks={})
     y_ranges = []
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes, panels):
         y_ranges.append(draw_panel(ax, points, panel, styles, legend, options))
-        ax.set_title(panel.label if len(panels) > 1 else "")
+        ax.set_title(panel.label if n > 1 else "")
     y_ranges = [r for r in y_ranges if r is not None]
     if y_ranges:  # the panels share their y axis: the range that holds all of them
-        axes[0][0].set_ylim(min(r[0] for r in y_ranges), max(r[1] for r in y_ranges))
-    axes[0][0].set_ylabel(panels[0].label if len(panels) == 1 else "speed-up (x dense)")
-    fig.suptitle(title, fontsize=9, x=0.01, ha="left")  # left, two short lines: the legend is on the right
+        axes[0].set_ylim(min(r[0] for r in y_ranges), max(r[1] for r in y_ranges))
+    for ax in axes if options.column else axes[:1]:
+        ax.set_ylabel(panels[0].label if n == 1 else "speed-up (x dense)")
+    if options.column:  # stacked: the x axis is named once, at the bottom
+        for ax in axes[:-1]:
+            ax.set_xlabel("")
+    else:
+        for ax in axes[1:]:
+            ax.xaxis.set_tick_params(labelbottom=True)
+    fig.suptitle(title, fontsize=plt.rcParams["axes.titlesize"], x=0.01, ha="left")  # left: short lines
     handles = [Line2D([], [], color=styles[m].color, marker=styles[m].marker, linestyle=styles[m].linestyle,
                       label=m) for m in sorted(legend.methods, key=legend_order)]
     handles += list(legend.marks.values())
-    rows = max(1, int(HEIGHT_IN * 72 * 0.85 // LEGEND_ROW_PT))  # more entries than fit: a second column
+    (_column_legend if options.column else _side_legend)(fig, handles, size)
+    return fig
+
+
+def _side_legend(fig: Any, handles: list[Any], size: tuple[float, float]) -> None:
+    """Right of the panels, in as many columns as its entries need; the figure widens to keep the panels'
+    width."""
+    rows = max(1, int(HEIGHT_IN * 72 * 0.85 // LEGEND_ROW_PT))
     columns = math.ceil(len(handles) / rows)
     fig.legend(handles=handles, loc="outside right upper", ncols=columns, frameon=False)
-    fig.set_size_inches(width + (columns - 1) * LEGEND_WIDTH_IN, HEIGHT_IN)  # the panels keep their width
-    return fig
+    fig.set_size_inches(size[0] + (columns - 1) * LEGEND_WIDTH_IN, size[1])
+
+
+def _column_legend(fig: Any, handles: list[Any], size: tuple[float, float]) -> None:
+    """Below the panels in two columns; the figure grows taller by its rows."""
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    rows = math.ceil(len(handles) / 2)
+    fig.set_size_inches(size[0], size[1] + rows * COLUMN_LEGEND_ROW_PT / 72 + 0.2)
 
 
 def draw_panel(ax: Any, points: Any, panel: Panel, styles: dict[str, Style], legend: Legend,
@@ -149,14 +181,16 @@ def draw_panel(ax: Any, points: Any, panel: Panel, styles: dict[str, Style], leg
     cut = _cut(panel, reference, options)
     off = _curves(ax, ours[ours["method"] != DENSE], panel, styles, cut, legend)
     _paper(ax, paper, panel, styles, legend)
-    if panel.margin and not _has_margin(ours, panel) and len(ours):
-        ax.text(0.99, 0.01, "95% intervals not drawn: no zs/mean_stderr in these results", fontsize=6.5,
-                color="0.4", ha="right", va="bottom", transform=ax.transAxes)
+    if panel.margin and not _has_margin(ours, panel) and len(ours):  # said in the legend, off the data
+        legend.marks["no margin"] = Line2D([], [], linestyle="none",
+                                           label="no 95% intervals:\nno zs/mean_stderr")
     ax.set_xlabel("parameters removed (%)")
     ax.grid(alpha=0.3)
     if panel.log:
         ax.set_yscale("log")
-    y_range = _limits(ax, panel, _shown(has, panel, reference, cut), [*points[X].dropna()], cut, bool(off))
+    strip = OFF_SCALE_STRIP_PT / (72 * (COLUMN_PANEL_HEIGHT_IN if options.column else HEIGHT_IN) * 0.7) \
+        if off else 0.0  # the strip's share of the axes' height: room for a marker and its number
+    y_range = _limits(ax, panel, _shown(has, panel, reference, cut), [*points[X].dropna()], cut, strip)
     if off and cut is not None and y_range is not None:
         ax.set_ylim(*y_range)  # the strip is drawn up to the top of the axes
         _off_scale(ax, off, cut, legend)
@@ -231,7 +265,7 @@ def _curve(ax: Any, label: str, s: Any, style: Style, cut: float | None, dodge_p
             transform=shift)
     inside = s if cut is None else s[s["y"] <= cut]
     ax.plot(inside["x"], inside["y"], color=style.color, marker=style.marker, linestyle="none",
-            markersize=6, zorder=4, transform=shift, gid=f"method:{label}")
+            zorder=4, transform=shift, gid=f"method:{label}")
     if (s["n"] > 1).any():
         ax.fill_between(s["x"], s["lo"], s["hi"], color=style.color, alpha=0.15, linewidth=0, zorder=2,
                         gid="seed-band")
@@ -247,7 +281,8 @@ def _paper(ax: Any, paper: Any, panel: Panel, styles: dict[str, Style], legend: 
     """The papers' figures: hollow markers of the method's style, no line (other models, other setups)."""
     for method, rows in paper.groupby("method"):
         style = styles[method]
-        ax.scatter(rows[X], rows[panel.key], marker=style.marker, s=48, facecolors="none",
+        size = (plt.rcParams["lines.markersize"] + 1) ** 2  # a little larger than ours: hollow reads lighter
+        ax.scatter(rows[X], rows[panel.key], marker=style.marker, s=size, facecolors="none",
                    edgecolors=style.color, linewidths=1.3, zorder=5, gid=f"paper:{method}")
         if method != DENSE:
             legend.methods.add(method)
@@ -266,17 +301,17 @@ def _ideal(ax: Any, ours: Any, legend: Legend) -> None:
 
 
 def _limits(ax: Any, panel: Panel, shown: list[float], xs: list[float], cut: float | None,
-            off: bool) -> tuple[float, float] | None:
+            strip: float) -> tuple[float, float] | None:
     """The x limits (set here: curves shifted sideways are not autoscaled) and the y range the values shown
-    need, with room at the top for the off-scale strip when there is one."""
+    need, with the top `strip` share of the height above the cut for the off-scale values."""
     ax.set_xlim(min(xs) - 2.0, max(xs) * 1.05 + 2.0)
     if not shown:
         return None
     low, high = min(shown), max(shown)
     if panel.log:
         low, high = low / 1.4, high * 1.4
-        if off:
-            high = cut * (cut / low) ** 0.28  # the strip: about a fifth of the axes' height above the cut
+        if strip and cut is not None:
+            high = cut * (cut / low) ** (strip / (1 - strip))
     else:
         pad = 0.08 * (high - low or abs(high) or 1.0)
         low, high = low - pad, high + pad
@@ -286,21 +321,24 @@ def _limits(ax: Any, panel: Panel, shown: list[float], xs: list[float], cut: flo
 def _off_scale(ax: Any, off: list[tuple[float, float, Style]], cut: float, legend: Legend) -> None:
     """Each value above the cut: an upward triangle in the shaded strip above it, with the value written
     above; values at the same ratio side by side, largest first."""
-    top = ax.get_ylim()[1]
+    bottom, top = ax.get_ylim()
+    ax.set_yticks([t for t in ax.get_yticks() if bottom <= t <= cut])  # no scale in the strip: no ticks
+    ax.set_yticks([t for t in ax.get_yticks(minor=True) if bottom <= t <= cut], minor=True)
+    ax.set_ylim(bottom, top)
     ax.axhspan(cut, top, color="0.92", zorder=0)
     ax.axhline(cut, color="0.6", linewidth=0.8, linestyle=":", zorder=1)
-    ax.text(0.01, 0.985, f"off scale (> {cut:.4g})", transform=ax.transAxes, va="top", fontsize=7,
-            color="0.35")
-    y_mark = cut * (top / cut) ** 0.12
+    ax.annotate(f"off scale above {cut:,.0f}", (0.01, cut), xycoords=("axes fraction", "data"),
+                xytext=(0, -2), textcoords="offset points", va="top", fontsize=6, color="0.35")
+    y_mark = cut * (top / cut) ** 0.15
     by_x: dict[float, list[tuple[float, Style]]] = {}
     for x, y, style in off:
         by_x.setdefault(round(x, 1), []).append((y, style))
     for x, group in by_x.items():
         group.sort(key=lambda item: -item[0])
         for i, (y, style) in enumerate(group):
-            dx = (i - (len(group) - 1) / 2) * OFF_SCALE_STEP_PT
+            dx = (i - (len(group) - 1) / 2) * OFF_SCALE_STEP_EM * plt.rcParams["font.size"]
             offset = ScaledTranslation(dx / 72, 0, ax.figure.dpi_scale_trans)
-            ax.plot([x], [y_mark], marker="^", color=style.color, markersize=6, linestyle="none", zorder=6,
+            ax.plot([x], [y_mark], marker="^", color=style.color, linestyle="none", zorder=6,
                     transform=ax.transData + offset, gid="off-scale")
             ax.annotate(off_scale_text(y), (x, y_mark), xytext=(dx, 5), textcoords="offset points",
                         rotation=90, ha="center", va="bottom", fontsize=6, color=style.color,
