@@ -167,6 +167,7 @@ def test_table_figures_with_hollow_paper_markers(tmp_path: Path) -> None:
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert plots.main([]) == 2
+    assert plots.main([str(tmp_path), "--ppl-cut", "0.5"]) == 2
     assert plots.main(["--from-table", str(tmp_path / "none.csv")]) == 2
     assert "error:" in capsys.readouterr().err
     assert plots.write_plots(tmp_path) == []  # no cells: nothing drawn

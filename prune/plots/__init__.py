@@ -14,6 +14,7 @@ Modules: ``points`` (the data, from cells or a table), ``draw`` (the figures).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,16 @@ def write_table_plots(frame: Any, out: Path, name: str, options: PlotOptions = P
     return write_figures(points, out, name, replace(options, column=False))
 
 
+def table_name(table: Path) -> str:
+    """The figures' title for a ``table.csv``: ``<table> [<scale>]`` from the ``meta.json`` beside it, else
+    its directory's name."""
+    meta = table.parent / "meta.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        return f"{info.get('experiment', table.parent.name)} [{(info.get('scale') or {}).get('name', '-')}]"
+    return table.parent.name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m prune.plots", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("sweep_dir", type=Path, nargs="?", help="a sweep directory, e.g. outputs/<experiment>")
@@ -56,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     options = PlotOptions(ppl_cut=args.ppl_cut, ppl_max=args.ppl_max, column=args.column)
     try:
+        if args.ppl_cut <= 1 or (args.ppl_max is not None and args.ppl_max <= 0):
+            raise PruneError("--ppl-cut must be > 1 (a multiple of the dense perplexity), --ppl-max > 0")
         if (args.sweep_dir is None) == (args.from_table is None):
             raise PruneError("pass either a sweep directory or --from-table <table.csv>")
         if args.from_table:
             table = args.from_table
-            name = f"{table.parent.parent.parent.name} [{table.parent.name}]"
-            written = write_figures(read_table(table), args.out or table.parent, name, options)
+            written = write_figures(read_table(table), args.out or table.parent, table_name(table), options)
         else:
             written = write_plots(args.sweep_dir, args.out, options)
     except PruneError as err:
