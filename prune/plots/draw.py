@@ -236,12 +236,20 @@ def _has_margin(rows: Any, panel: Panel) -> bool:
 
 
 def series(rows: Any, panel: Panel) -> Any:
-    """One method's points by ratio: x, y (mean over seeds), lo/hi (seed range), n, margin (mean)."""
-    columns = {"x": (X, "mean"), "y": (panel.key, "mean"), "lo": (panel.key, "min"),
-               "hi": (panel.key, "max"), "n": (panel.key, "size")}
-    if panel.margin and panel.margin in rows.columns:
-        columns["margin"] = (panel.margin, "mean")
-    return rows.groupby("ratio", dropna=False).agg(**columns).sort_values("x").reset_index(drop=True)
+    """One method's points by ratio, from ``prune.seeds.spread`` over the cells that differ only in their
+    seed: x, y (mean), lo/hi (the seeds' range), n, margin (mean 95% half-width, when recorded)."""
+    import pandas as pd
+
+    from prune.seeds import spread
+
+    out = []
+    for _, cells in rows.groupby("ratio", dropna=False):
+        s = spread([float(v) for v in cells[panel.key]])
+        margin = cells[panel.margin].mean() if panel.margin and panel.margin in cells.columns else math.nan
+        out.append({"x": cells[X].mean(), "y": s["mean"], "lo": s["min"], "hi": s["max"], "n": s["n"],
+                    "margin": margin})
+    frame = pd.DataFrame(out, columns=["x", "y", "lo", "hi", "n", "margin"])
+    return frame.sort_values("x", ignore_index=True)
 
 
 def _cut(panel: Panel, reference: float | None, options: PlotOptions) -> float | None:
@@ -270,7 +278,7 @@ def _curve(ax: Any, label: str, s: Any, style: Style, cut: float | None, dodge_p
         ax.fill_between(s["x"], s["lo"], s["hi"], color=style.color, alpha=0.15, linewidth=0, zorder=2,
                         gid="seed-band")
         legend.marks["band"] = Patch(color="grey", alpha=0.3, label="seed range (min-max)")
-    if "margin" in s and s["margin"].notna().any():
+    if s["margin"].notna().any():
         ax.errorbar(s["x"], s["y"], yerr=s["margin"], fmt="none", ecolor=style.color, elinewidth=0.9,
                     capsize=2.5, zorder=3, transform=shift)
         legend.marks["margin"] = Line2D([], [], color="grey", marker="|", markersize=10, linestyle="none",
