@@ -39,6 +39,7 @@ COLUMN_WIDTH_IN, COLUMN_PANEL_HEIGHT_IN, COLUMN_LEGEND_ROW_PT = 3.4, 2.3, 10
 # Sideways shift between methods' error bars at one ratio, so that each stays visible; at most DODGE_SPAN_PT
 # between the first method's and the last's, so that no point strays far from its ratio.
 DODGE_PT, DODGE_SPAN_PT = 2.0, 24.0
+THIN_MARKERS = ("*", "+", "x", "|")
 OFF_SCALE_STEP_EM = 1.0  # off-scale values at one ratio stand side by side, a font size apart
 OFF_SCALE_STRIP_PT = 40.0  # height of the off-scale strip: a marker and a number written upwards
 
@@ -147,7 +148,8 @@ def draw_figure(points: Any, figure: Figure, panels: list[Panel], styles: dict[s
             ax.xaxis.set_tick_params(labelbottom=True)
     fig.suptitle(title, fontsize=plt.rcParams["axes.titlesize"], x=0.01, ha="left")  # left: short lines
     handles = [Line2D([], [], color=styles[m].color, marker=styles[m].marker, linestyle=styles[m].linestyle,
-                      label=m) for m in sorted(legend.methods, key=legend_order)]
+                      markersize=marker_size(styles[m].marker), label=m)
+               for m in sorted(legend.methods, key=legend_order)]
     handles += list(legend.marks.values())
     (_column_legend if options.column else _side_legend)(fig, handles, size)
     return fig
@@ -273,7 +275,7 @@ def _curve(ax: Any, label: str, s: Any, style: Style, cut: float | None, dodge_p
             transform=shift)
     inside = s if cut is None else s[s["y"] <= cut]
     ax.plot(inside["x"], inside["y"], color=style.color, marker=style.marker, linestyle="none",
-            zorder=4, transform=shift, gid=f"method:{label}")
+            markersize=marker_size(style.marker), zorder=4, transform=shift, gid=f"method:{label}")
     if (s["n"] > 1).any():
         ax.fill_between(s["x"], s["lo"], s["hi"], color=style.color, alpha=0.15, linewidth=0, zorder=2,
                         gid="seed-band")
@@ -285,11 +287,16 @@ def _curve(ax: Any, label: str, s: Any, style: Style, cut: float | None, dodge_p
                                         label="95% interval (items)")
 
 
+def marker_size(marker: str) -> float:
+    """The layout's marker size; thin-armed markers (a star) a third larger, to look as large as the rest."""
+    return plt.rcParams["lines.markersize"] * (1.35 if marker in THIN_MARKERS else 1.0)
+
+
 def _paper(ax: Any, paper: Any, panel: Panel, styles: dict[str, Style], legend: Legend) -> None:
     """The papers' figures: hollow markers of the method's style, no line (other models, other setups)."""
     for method, rows in paper.groupby("method"):
         style = styles[method]
-        size = (plt.rcParams["lines.markersize"] + 1) ** 2  # a little larger than ours: hollow reads lighter
+        size = (marker_size(style.marker) + 1) ** 2  # a little larger than ours: hollow reads lighter
         ax.scatter(rows[X], rows[panel.key], marker=style.marker, s=size, facecolors="none",
                    edgecolors=style.color, linewidths=1.3, zorder=5, gid=f"paper:{method}")
         if method != DENSE:
