@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from prune.store import atomic_target  # noqa: E402
+
 # (file stem, y metric, y label, log scale)
 PLOTS = [
     ("ppl_vs_ratio", "ppl/wikitext2", "WikiText-2 perplexity", True),
@@ -69,7 +71,8 @@ def write_plots(root: Path) -> list[Path]:
         ax.set_title(f"{root.name}: {label}")
         fig.tight_layout()
         path = root / f"{stem}.png"
-        fig.savefig(path, dpi=100)
+        with atomic_target(path) as tmp:  # the cells of a parallel sweep redraw the same files at once
+            fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
         written.append(path)
     return written

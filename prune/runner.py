@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,16 @@ def run(cfg: DictConfig) -> float | None:
     """Prune and evaluate one cell, holding its directory's lock; returns the headline metric (WikiText-2
     PPL) for sweepers."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with directory_lock(run_dir, wait_s=float(os.environ.get("PRUNE_CELL_LOCK_WAIT_S", LOCK_WAIT_S))):
+    with _cell_lock(run_dir):
         return _run_cell(cfg, run_dir)
+
+
+def _cell_lock(run_dir: Path) -> AbstractContextManager[None]:
+    """The cell directory's lock. The processes of one ``accelerate launch`` (torchrun sets ``RANK``) are one
+    cell: rank 0 holds the lock for them all, the others would only wait for their own rank 0."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()
+    return directory_lock(run_dir, wait_s=float(os.environ.get("PRUNE_CELL_LOCK_WAIT_S", LOCK_WAIT_S)))
 
 
 def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:

@@ -246,6 +246,20 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path: Path) -> None:
         pass
 
 
+def test_ranks_of_one_launch_share_rank_zeros_lock(tmp_path: Path, monkeypatch) -> None:
+    from prune.runner import _cell_lock
+
+    with directory_lock(tmp_path):
+        monkeypatch.setenv("RANK", "1")  # another process of the same accelerate launch: no lock of its own
+        with _cell_lock(tmp_path):
+            pass
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("PRUNE_CELL_LOCK_WAIT_S", "0")
+        with pytest.raises(PruneError, match="in use by"):
+            with _cell_lock(tmp_path):
+                pass
+
+
 def test_two_processes_saving_one_cell(tmp_path: Path) -> None:
     """Two ``save=true`` runs of one cell at once: one writes the result and the model; the other waits and
     skips it, or refuses with one line. No temporary file is left behind."""
