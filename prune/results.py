@@ -2,15 +2,75 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prune.errors import PruneError
 from prune.paths import cache_dir
 from prune.store import digest, write_json_atomic  # noqa: F401  (write_json_atomic: the runner's name)
 
 RESULTS = "results.json"
+
+# Top-level config keys that never change a cell's numbers, so they stay out of its identity: whether to
+# redo or also save it, where it logs and writes, and the sweep's labels (the scale's own keys only name it;
+# what it selects reaches the model, method and eval keys, which stay in).
+NOT_IDENTITY = ("force", "save", "logger", "paths", "experiment_name", "scale")
+
+
+def cell_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config less the keys that do not change the result (`NOT_IDENTITY`)."""
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """A cell's identity: the digest of its resolved config less `NOT_IDENTITY` (``results.json``'s
+    ``config_digest``)."""
+    return digest(cell_identity(config))
+
+
+def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted config keys whose values differ between ``old`` and ``new``, as ``key: old -> new``.
+
+    A key that only one side has is not a difference: it was added to (or dropped from) the config files
+    since the old run, and a new key's default keeps the old behaviour, like any other code change (a
+    finished cell is not redone when the code changes either)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(old.keys() & new.keys(), key=str)
+                for line in differing_keys(old[k], new[k], f"{prefix}{k}.")]
+    # lists and tuples compare alike: the stored config went through JSON
+    same = _jsonable(old) == _jsonable(new)
+    return [] if same else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_same_cell(record: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Refuse to skip (or overwrite) a finished cell that ran another configuration.
+
+    Args:
+        record: the cell's existing ``results.json``.
+        config: this run's resolved config.
+        path: the ``results.json`` file, for the message.
+
+    Raises:
+        PruneError: the identities differ in keys both configs have; the message names them and the fix.
+    """
+    if "config_digest" not in record:  # written before cells recorded their identity: skipped as always
+        return
+    if record["config_digest"] == config_digest(config):
+        return
+    changed = differing_keys(cell_identity(record.get("config", {})), cell_identity(config))
+    if not changed:  # only keys added or dropped since: the same cell under today's config files
+        return
+    shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+    raise PruneError(f"{path} holds another configuration ({shown}); pass force=true to redo the cell "
+                     "here, or give this run its own directory (hydra.run.dir=..., or hydra.sweep.dir=... "
+                     "with -m)")
 
 
 def config_hash(node: Any) -> str:

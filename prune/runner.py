@@ -1,7 +1,11 @@
 """The run recipe, top to bottom: load -> calibrate -> plan -> surgery -> evaluate -> record.
 
 `run` is what ``run.py`` calls for every Hydra cell. ``results.json`` in the cell's directory is written
-last and atomically; a cell whose ``results.json`` exists is skipped unless ``force=true``.
+last and atomically; a cell whose ``results.json`` exists is skipped unless ``force=true``, and only if it
+ran the same configuration (its ``config_digest``, `prune.results.config_digest`): another one is refused.
+One process at a time works in a cell's directory (`prune.store.directory_lock`; a second one waits up to
+``PRUNE_CELL_LOCK_WAIT_S`` seconds, default ``LOCK_WAIT_S``, then refuses). The experiment logger never
+decides a cell's fate (`prune.tracking.guarded`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import re
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ from prune.eval.params import count_params, removed_fraction
 from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.load import LoadedModel, load_model_and_tokenizer
-from prune.store import atomic_target
+from prune.store import atomic_target, directory_lock
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +43,39 @@ log = logging.getLogger(__name__)
 # cell itself, right before pruning, on the same machine state as the pruned model measured minutes later.
 DENSE_SPEED = ("cached", "per_cell")
 
+# How long a second process on a busy cell waits for the first before refusing: long enough for a preempted
+# job's dying process to let go, far shorter than a cell. PRUNE_CELL_LOCK_WAIT_S in the environment wins.
+LOCK_WAIT_S = 30.0
+
 
 def run(cfg: DictConfig) -> float | None:
-    """Prune and evaluate one cell; returns the headline metric (WikiText-2 PPL) for sweepers."""
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the summary
+    """Prune and evaluate one cell, holding its directory's lock; returns the headline metric (WikiText-2
+    PPL) for sweepers."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with _cell_lock(run_dir):
+        return _run_cell(cfg, run_dir)
+
+
+def _cell_lock(run_dir: Path) -> AbstractContextManager[None]:
+    """The cell directory's lock. The processes of one ``accelerate launch`` (torchrun sets ``RANK``) are one
+    cell: rank 0 holds the lock for them all, the others would only wait for their own rank 0."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()
+    return directory_lock(run_dir, wait_s=float(os.environ.get("PRUNE_CELL_LOCK_WAIT_S", LOCK_WAIT_S)))
+
+
+def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
+    """The cell under its lock: skip it (finished, same configuration), refuse it (finished, another
+    configuration), or prune, evaluate and record it."""
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the summary
     done = run_dir / results.RESULTS
-    if done.exists() and not cfg.force and (not cfg.save or (run_dir / "model").is_dir()):
-        print(f"skip: {done} exists (force=true to redo)")
-        return json.loads(done.read_text())["metrics"].get("ppl/wikitext2")
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    if done.exists() and not cfg.force:
+        finished = json.loads(done.read_text())
+        results.check_same_cell(finished, config, done)
+        if not cfg.save or (run_dir / "model").is_dir():
+            print(f"skip: {done} exists (force=true to redo)")
+            return finished["metrics"].get("ppl/wikitext2")
     if cfg.dense_speed not in DENSE_SPEED:
         raise PruneError(f"dense_speed={cfg.dense_speed} is unknown; pass one of {', '.join(DENSE_SPEED)}")
     if not 0.0 <= cfg.ratio < 1.0:
@@ -87,7 +116,7 @@ def run(cfg: DictConfig) -> float | None:
             "dense_metrics": dense_metrics, "plan": plan_json,
             "metric_config": {k: e.describe() for k, e in evaluators.items()}
             | {"mem": peak.kind, "dense_speed": cfg.dense_speed},
-            "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
+            "config": config, "config_digest": results.config_digest(config), "choices": choices,
             "provenance": provenance.manifest() | {"model": loaded.provenance,
                                                    "calibration": calib.info if calib else None},
         }
@@ -125,16 +154,18 @@ def set_determinism(on: bool) -> None:
 
 
 def _make_logger(cfg: DictConfig, choices: dict[str, Any], run_dir: Path) -> tracking.Logger:
+    """The cell's logger, opened before the work so that training loops log live curves; its failures are
+    warnings (`tracking.guarded`), and its wait for a server is bounded (`tracking.INIT_TIMEOUT_S`)."""
     if cfg.logger is None or cfg.logger.get("kind") == "none":
         return tracking.NullLogger()
     name = f"{cfg.model.name}-{choices.get('method')}-r{cfg.ratio}"
     tags = [f"{group}:{choice}" for group, choice in choices.items()
             if choice and not group.startswith("hydra") and group != "logger"]
-    return tracking.WandbLogger(
+    return tracking.guarded(lambda: tracking.WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.get("entity"), mode=cfg.logger.mode,
         group=cfg.experiment_name, name=name, tags=tags,
         config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir,  # type: ignore[arg-type]
-    )
+    ))
 
 
 def _dense_metrics(loaded: LoadedModel, evaluators: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:

@@ -9,20 +9,32 @@ removal order, a training checkpoint, a saved model directory, the token cache) 
 - `digest`: the one hash of a JSON-able key (sorted keys, ``str`` for anything else).
 - `KeyedFile`: a cache file named by the digest of its key that stores the key inside it, so a file written
   for another key (another model, other tokens, other options) is never resumed.
+- `directory_lock`: one process at a time in a directory (a run cell); others wait a bounded time, then
+  refuse with one line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prune.errors import PruneError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".cell.lock"
 
 
 def digest(key: Any, length: int = 20) -> str:
@@ -112,3 +124,50 @@ class KeyedFile:
 
         with atomic_target(self.path) as tmp:
             torch.save(state | {"key": self.key}, tmp)
+
+
+@contextmanager
+def directory_lock(directory: Path | str, wait_s: float = 0.0, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold ``<directory>/.cell.lock`` exclusively for the body; wait up to ``wait_s`` for another holder.
+
+    An advisory ``fcntl.flock``: the kernel drops it when its process exits or is killed, so the lock of a
+    dead process is taken over at once (the file itself stays: deleting it would let two processes lock two
+    different files under one name). On NFS, Linux turns flock into a POSIX lock that other nodes see. The
+    file names the holder (pid and host) while it is held, for the refusal message.
+
+    Raises:
+        PruneError: another live process still holds the lock after ``wait_s`` seconds.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, path, wait_s, poll_s)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # a free lock names no holder
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _acquire(fd: int, path: Path, wait_s: float, poll_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            if time.monotonic() >= deadline:
+                raise PruneError(
+                    f"{path.parent} is in use by {holder} (lock {path}); let that run finish (a rerun then "
+                    f"skips the cell), or run this one elsewhere (another hydra.run.dir)") from None
+            if not waited:
+                log.warning("%s is in use by %s; waiting up to %.0f s for it", path.parent, holder, wait_s)
+                waited = True
+            time.sleep(poll_s)

@@ -1,7 +1,10 @@
 """Experiment loggers behind one small interface: W&B (offline unless credentials exist) or nothing.
 
-``results.json`` is the source of truth; a logger only mirrors it. W&B runs are finished with the run's
-exit code so a failed Hydra cell does not show as finished (wandb#4591).
+``results.json`` is the source of truth; a logger only mirrors it, and never decides a cell's fate: a W&B run
+that cannot start online (no API key, an unreachable server) starts offline after a bounded wait
+(``INIT_TIMEOUT_S``), with one warning; one that cannot start at all, or fails later, is one warning and no
+more logging (`guarded`). W&B runs are finished with the run's exit code so a failed Hydra cell does not show
+as finished (wandb#4591).
 
 One sweep = one W&B group: the experiment name, plus the scale when one is selected (``table2-reference``).
 A paper table's aggregated result goes to one more run of that group (``log_summary``), and
@@ -13,12 +16,20 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from prune.errors import PruneError
 
 log = logging.getLogger(__name__)
+
+# How long wandb.init waits for the server (wandb's own default is 90 s; a closed port costs about 10 s more
+# on top): a dead server should cost a cell seconds, not minutes. WANDB_INIT_TIMEOUT in the environment wins.
+INIT_TIMEOUT_S = 30.0
+# How long finishing a run waits for its upload; past it the run is marked crashed online, and its offline
+# files in the cell's wandb/ folder can still be uploaded with `wandb sync`. WANDB_FINISH_TIMEOUT wins.
+FINISH_TIMEOUT_S = 300.0
 
 
 class Logger(Protocol):
@@ -46,6 +57,62 @@ class NullLogger:
 
     def finish(self, exit_code: int) -> None:
         pass
+
+
+class GuardedLogger:
+    """Forwards to a logger until its first error, which becomes one warning; after it, logs nothing."""
+
+    def __init__(self, inner: Logger) -> None:
+        self._inner: Logger | None = inner
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        self._call("log_metrics", metrics)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        self._call("log_table", key, columns, rows)
+
+    def log_file(self, path: Path, name: str, kind: str) -> None:
+        self._call("log_file", path, name, kind)
+
+    def log_images(self, images: dict[str, Path]) -> None:
+        self._call("log_images", images)
+
+    def finish(self, exit_code: int) -> None:
+        self._call("finish", exit_code)
+
+    def _call(self, method: str, *args: Any) -> None:
+        if self._inner is None:
+            return
+        try:
+            getattr(self._inner, method)(*args)
+        except Exception as err:  # any logger error: the cell's own outcome stands
+            log.warning("experiment logger failed in %s (%s); it logs nothing more, results.json is the "
+                        "record", method, first_line(err))
+            self._inner = None
+
+
+def guarded(start: Callable[[], Logger]) -> Logger:
+    """The logger that ``start`` builds, guarded (`GuardedLogger`); a `NullLogger` with one warning when
+    building it fails."""
+    try:
+        return GuardedLogger(start())
+    except Exception as err:  # wandb raises its own error types, and others
+        log.warning("experiment logger could not start (%s); this cell logs nothing, results.json is the "
+                    "record", first_line(err))
+        return NullLogger()
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message``: wandb's errors run over several lines."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 def wandb_credentials_configured() -> bool:
@@ -102,9 +169,25 @@ class WandbLogger:
             mode = "online" if wandb_credentials_configured() else "offline"
         self._wandb = wandb
         self.mode = mode
-        self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, tags=tags,
-                              config=config, dir=str(run_dir), reinit="finish_previous")
-        log.info("W&B run %s (%s mode)", name, mode)
+        settings = wandb.Settings(init_timeout=_env_seconds("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S),
+                                  finish_timeout=_env_seconds("WANDB_FINISH_TIMEOUT", FINISH_TIMEOUT_S))
+        self.run = self._start(dict(project=project, entity=entity, group=group, name=name, tags=tags,
+                                    config=config, dir=str(run_dir), reinit="finish_previous",
+                                    settings=settings))
+        log.info("W&B run %s (%s mode)", name, self.mode)
+
+    def _start(self, init_args: dict[str, Any]) -> Any:
+        """``wandb.init`` in ``self.mode``; an online start that fails (no key, no server, a time-out) starts
+        offline instead, with one warning."""
+        try:
+            return self._wandb.init(mode=self.mode, **init_args)
+        except Exception as err:  # UsageError, CommError, AuthenticationError, time-outs ...
+            if self.mode != "online":
+                raise
+            log.warning("W&B could not start online (%s); logging offline to %s/wandb instead (upload it "
+                        "later with `wandb sync`)", first_line(err), init_args["dir"])
+            self.mode = "offline"
+            return self._wandb.init(mode="offline", **init_args)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         self.run.log(metrics)

@@ -65,7 +65,7 @@ from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
 from prune.options import Options, bounded
 from prune.paths import cache_dir
 from prune.provenance import model_fingerprint
-from prune.store import KeyedFile
+from prune.store import KeyedFile, digest
 from prune.types import PrunePlan
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,8 @@ class Disp(WithOptions[DispOptions]):
         opt.load_state_dict(state["opt"])
         if dist.n == 1:  # other processes keep their own noise stream (seeded by rank)
             gen.set_state(state["gen"].cpu())
-        log.info("disp: resuming the hypernetwork at step %d from %s", state["step"], ckpt.path)
+        log.info("disp: resuming training from step %d of %s (key %s)", state["step"], ckpt.path,
+                 digest(ckpt.key))
         return int(state["step"]), state["curves"]
 
 

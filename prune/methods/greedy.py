@@ -40,7 +40,7 @@ from prune.models.adapter import ModelAdapter
 from prune.options import Options, bounded
 from prune.paths import cache_dir
 from prune.provenance import model_fingerprint
-from prune.store import KeyedFile
+from prune.store import KeyedFile, digest
 from prune.types import PrunePlan
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,9 @@ class GreedySearch:
         key = self.cache_key(adapter, calib)
         cache = KeyedFile(cache_dir() / "blockpruner", key) if self.options.cache else None
         state = load_state(cache, key)
+        if cache is not None and state.order:
+            log.info("%s: resuming search from step %d of %s (key %s)", self.method, len(state.order),
+                     cache.path, digest(key))
         started, cost = time.perf_counter(), RunCost(steps_reused=len(state.order))
         with torch.inference_mode():
             self.extend(adapter, calib, state, reached, cache, cost)

@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import ScaledTranslation  # noqa: E402
 
+from prune.store import atomic_target  # noqa: E402
 from prune.styles import DENSE, DENSE_STYLE, Style, legend_order, styles_for  # noqa: E402
 
 X = "x"
@@ -103,7 +104,9 @@ def write_figures(points: Any, out: Path, name: str, options: PlotOptions = Plot
     written = []
     for figure, fig in draw_figures(points, name, options):
         for fmt in FORMATS:
-            fig.savefig(out / f"{figure.stem}{suffix}.{fmt}", dpi=200, metadata=METADATA[fmt])
+            # atomically: the cells of a parallel sweep redraw the same files at once
+            with atomic_target(out / f"{figure.stem}{suffix}.{fmt}") as tmp:
+                fig.savefig(tmp, dpi=200, format=fmt, metadata=METADATA[fmt])
         plt.close(fig)
         written.append(out / f"{figure.stem}{suffix}.png")
     return written
