@@ -46,7 +46,8 @@ class RunOptions(Options):
             raise PruneError(f"ratio={self.ratio} is outside [0, 1); pass e.g. ratio=0.25")
 
     def error(self, name: str, problem: str) -> PruneError:
-        return PruneError(f"{name}={getattr(self, name)!r} {problem}")  # top-level keys have no prefix
+        # Top-level keys have no prefix, and are named as on the command line (no quotes).
+        return PruneError(f"{name}={getattr(self, name)} {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
