@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from hydra.utils import get_object
@@ -69,6 +71,8 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("calib") is not None:
         _check_fields(CalibOptions, cfg.calib)
     _check_model(cfg.model)
+    if cfg.get("paths") is not None:
+        _check_writable(cfg.paths.outputs_root)
     _check_option_names(cfg.method, "method")
     for name, node in (cfg.get("eval") or {}).items():
         if isinstance(node, DictConfig):
@@ -94,6 +98,18 @@ def _check_model(model: DictConfig) -> None:
     device = resolve_device(str(model.device))
     resolve_dtype(str(model.dtype), device)
     model_source(model)
+
+
+def _check_writable(outputs_root: str) -> None:
+    """Results, plots and W&B files go under ``paths.outputs_root``: fail now, not after the run."""
+    root = Path(str(outputs_root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PruneError(f"paths.outputs_root={root} cannot be created ({err.strerror or err}); pass a "
+                         "writable folder") from err
+    if not os.access(root, os.W_OK):
+        raise PruneError(f"paths.outputs_root={root} is not writable; pass a writable folder")
 
 
 def _check_option_names(node: DictConfig, where: str) -> None:

@@ -48,6 +48,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "dense_reference_number": (["dense_reference=3"], "dense_reference=3 must be a bool"),
     "deterministic_text": (["deterministic=abc"], "deterministic=abc must be a bool"),
     "dense_speed_unknown": (["dense_speed=bogus"], "dense_speed=bogus is not one of cached, per_cell"),
+    "outputs_root_unwritable": (["paths.outputs_root=/proc/x"], "outputs_root=/proc/x cannot be created"),
     "unresolved_interpolation": (["ratio=${{nope}}"], "does not resolve"),
     # calib.* (method=shortgpt reads a calibration set)
     "calib_nsamples_zero": (["method=shortgpt", "ratio=0.25", "calib.nsamples=0"],
