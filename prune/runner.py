@@ -35,6 +35,7 @@ from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.load import LoadedModel, load_model_and_tokenizer
 from prune.store import atomic_target, directory_lock
+from prune.validate import check_loaded_model
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         set_determinism(bool(cfg.deterministic))
         started = time.perf_counter()
         loaded = load_model_and_tokenizer(cfg.model)
+        check_loaded_model(cfg, loaded.model, method.needs_calibration)
         adapter = adapter_for(loaded.model)
         evaluators = {k: instantiate(v) for k, v in cfg.eval.items() if k != "name" and v is not None}
         dense_metrics = _dense_metrics(loaded, evaluators, cfg)

@@ -2,7 +2,8 @@
 
 A single run turns a `PruneError` into one ``error:`` line and exit status 2. In a multirun (``-m``) that exit
 would end the whole grid at the first bad cell (for example DISP's 20% of all parameters on a model where it
-cannot be reached), and the cells after it would never run. Instead the failed cell writes ``error.txt`` in
+cannot be reached), and the cells after it would never run. Instead the failed cell, whatever the cause (bad
+input, or an unexpected exception, whose traceback still goes to stderr), writes ``error.txt`` in
 its own directory, in place of ``results.json``, and the sweep goes on; when the sweep ends, `FailedCells`
 prints one line naming the failed cells and exits with status 2; `prune.tables` lists them (`failed_cells`)
 under the table, and its per-cell progress line says FAILED. The file lives next to the cell's results,
@@ -22,13 +23,21 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from prune.errors import PruneError
+
 ERROR_FILE = "error.txt"
 
 
 def record_failure(run_dir: Path, err: Exception) -> None:
-    """Leave the cell's one-line error where its results.json would be."""
+    """Leave the cell's one-line error where its results.json would be: a `PruneError`'s message, or for
+    any other exception (a bug, whose traceback went to stderr) its type and first line."""
+    if isinstance(err, PruneError):
+        line = str(err)
+    else:
+        first = (str(err).strip().splitlines() or [""])[0]
+        line = f"unexpected {type(err).__name__}: {first} (a bug; its traceback is in the sweep's stderr)"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ERROR_FILE).write_text(f"error: {err}\n")
+    (run_dir / ERROR_FILE).write_text(f"error: {' '.join(line.splitlines())}\n")
 
 
 def clear_failure(run_dir: Path) -> None:

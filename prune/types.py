@@ -129,9 +129,15 @@ class PrunePlan:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PruneError(f"cannot read a plan from {path}: {e}") from e
-        return cls.from_dict(data.get("plan", data), path.parent)
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not text at all (UnicodeDecodeError)
+            raise PruneError(f"cannot read a plan from {path}: {e}; pass a results.json or "
+                             f"{PLAN_FILE} written by run.py") from e
+        plan = data.get("plan", data) if isinstance(data, dict) else data
+        try:
+            return cls.from_dict(plan, path.parent)
+        except PruneError as e:
+            raise PruneError(f"{path} holds no readable plan: {e}; pass a results.json or {PLAN_FILE} "
+                             "written by run.py") from e
 
     @classmethod
     def from_json(cls, text: str, directory: Path | str | None = None) -> PrunePlan:
@@ -140,11 +146,14 @@ class PrunePlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any], directory: Path | str | None = None) -> PrunePlan:
         """The plan of `to_dict`'s output; ``directory`` holds the tensor file, if the plan references one."""
+        if not isinstance(data, dict):
+            raise PruneError(f"a plan is a JSON object, not {type(data).__name__}")
         data = dict(data)
         reference = data.pop("tensors", None)
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise PruneError(f"a plan names {sorted(unknown)}, which PrunePlan does not have")
+        _check_json_fields(data)
         tensors = _load_tensors(reference, directory) if reference else {}
         return cls(**data, tensors=tensors)
 
@@ -163,6 +172,29 @@ class PrunePlan:
         return record
 
 
+# The JSON type of each plan field, for the message when a hand-edited or damaged plan holds another.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "method": (str,), "ratio": (int, float), "ratio_unit": (str,), "drop_layers": (list, tuple),
+    "drop_attn": (list, tuple), "drop_mlp": (list, tuple), "keep_dims": (dict,), "scores": (dict,),
+    "info": (dict,),
+}
+
+
+def _check_json_fields(data: dict[str, Any]) -> None:
+    """Required fields present, each of its JSON type, layer lists of integers: a damaged plan fails here,
+    with a message, rather than deep inside surgery."""
+    missing = [name for name in ("method", "ratio", "ratio_unit") if name not in data]
+    if missing:
+        raise PruneError(f"a plan needs {', '.join(missing)}")
+    for name, value in data.items():
+        if not isinstance(value, _FIELD_TYPES[name]):
+            expected = _FIELD_TYPES[name][0].__name__
+            raise PruneError(f"the plan's {name} is {type(value).__name__}, not {expected}")
+    for name in ("drop_layers", "drop_attn", "drop_mlp"):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in data.get(name, [])):
+            raise PruneError(f"the plan's {name} holds something other than layer indices")
+
+
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
@@ -176,6 +208,8 @@ def _load_tensors(reference: dict[str, Any], directory: Path | str | None) -> di
     if directory is None:
         raise PruneError(f"the plan references tensors in {reference.get('file')}; read it with "
                          f"PrunePlan.load(path) so that the file is found beside it")
+    if not isinstance(reference, dict) or not {"file", "sha256", "names"} <= set(reference):
+        raise PruneError("the plan's tensors entry needs file, sha256 and names")
     path = Path(directory) / reference["file"]
     try:
         data = path.read_bytes()

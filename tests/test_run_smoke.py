@@ -155,3 +155,16 @@ def test_deterministic_switch_sets_and_clears_torch_flags(monkeypatch) -> None:
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
+
+
+def test_sweep_records_a_cell_that_raises_unexpectedly_and_runs_the_next(tmp_path: Path) -> None:
+    # A target that builds no method: the cell dies on an AttributeError, as a bug would (not a PruneError).
+    out = run_cli("-m", "debug=tiny", "method._target_=builtins.dict,prune.methods.dense.Dense", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" in out.stderr and "AttributeError" in out.stderr  # a bug keeps its traceback
+    cells = tmp_path / "outputs" / "adhoc"
+    broken = cells / "debug=tiny,method._target_=builtins.dict" / "error.txt"
+    assert broken.read_text().startswith("error: unexpected AttributeError: 'dict' object has no attribute")
+    assert (cells / "debug=tiny,method._target_=prune.methods.dense.Dense" / "results.json").is_file()
+    last = [line for line in out.stderr.splitlines() if line.startswith("error:")][-1]
+    assert last.startswith("error: 1 sweep cell(s) failed") and last.endswith("method._target_=builtins.dict")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm import tqdm
@@ -23,6 +23,7 @@ from prune.data.sources import load_rows
 from prune.data.tokens import encode_cached, tensor_hash
 from prune.errors import PruneError
 from prune.eval.nll import sequence_nll
+from prune.options import Options, bounded
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,39 @@ def perplexity(nll: list[float], counts: list[int], token_weighted: bool) -> flo
     return math.exp(sum(n / c for n, c in zip(nll, counts)) / len(nll))
 
 
+@dataclass(frozen=True)
+class PerplexityOptions(Options):
+    """The evaluator's knobs, checked where they enter (``eval.ppl.<name>`` in messages)."""
+
+    prefix: ClassVar[str] = "eval.ppl"
+    datasets: list[str]
+    conventions: list[str]
+    max_windows: int | None = None
+    batch_size: int = bounded(1, ge=1)
+    source: Literal["auto", "hub", "bundled"] = "auto"
+    preset: str | None = None
+
+    def check(self) -> None:
+        # 0 must not read as "no limit" (falsy): a slice of zero windows has no perplexity.
+        if self.max_windows is not None and self.max_windows < 1:
+            raise self.error("max_windows", "must be >= 1, or null for every window of the test set")
+        if not self.datasets or not self.conventions:
+            raise self.error("datasets" if not self.datasets else "conventions", "must name at least one")
+        unknown = [c for c in self.conventions if c not in CONVENTIONS]
+        unknown += [d for d in self.datasets if d not in TEST_TEXTS]
+        if unknown:
+            raise PruneError(f"unknown perplexity dataset/convention {unknown}; datasets {list(TEST_TEXTS)}, "
+                             f"conventions {list(CONVENTIONS)}")
+
+
 class PerplexityEvaluator:
     """``ppl/<dataset>`` for each dataset and convention.
 
     Args:
         datasets: any of ``wikitext2``, ``ptb``, ``c4``.
         conventions: any of ``seq2048``, ``seq4096``; the first also gives the plain ``ppl/<dataset>`` key.
-        max_windows: evaluate only the first N windows (CPU slice); ``None`` = the full test set.
-        batch_size: windows per forward pass.
+        max_windows: evaluate only the first N >= 1 windows (CPU slice); ``None`` = the full test set.
+        batch_size: windows per forward pass (>= 1).
         source: ``auto`` | ``hub`` | ``bundled``.
         preset: the name of the CPU preset that set ``max_windows``, recorded with the metric.
     """
@@ -79,13 +105,11 @@ class PerplexityEvaluator:
         source: str = "auto",
         preset: str | None = None,
     ) -> None:
-        unknown = [c for c in conventions if c not in CONVENTIONS]
-        unknown += [d for d in datasets if d not in TEST_TEXTS]
-        if unknown:
-            raise PruneError(f"unknown perplexity dataset/convention {unknown}; datasets {list(TEST_TEXTS)}, "
-                             f"conventions {list(CONVENTIONS)}")
-        self.datasets, self.conventions = list(datasets), list(conventions)
-        self.max_windows, self.batch_size, self.source, self.preset = max_windows, batch_size, source, preset
+        options = PerplexityOptions(datasets=datasets, conventions=conventions, max_windows=max_windows,
+                                    batch_size=batch_size, source=source, preset=preset)
+        self.datasets, self.conventions = list(options.datasets), list(options.conventions)
+        self.max_windows, self.batch_size = options.max_windows, options.batch_size
+        self.source, self.preset = options.source, options.preset
         self._described: dict[str, Any] = {}
 
     def describe(self) -> dict[str, Any]:
@@ -104,7 +128,7 @@ class PerplexityEvaluator:
             for k, name in enumerate(self.conventions):
                 conv = CONVENTIONS[name]
                 all_windows = windows(ids, conv)
-                chosen = all_windows[: self.max_windows] if self.max_windows else all_windows
+                chosen = all_windows if self.max_windows is None else all_windows[: self.max_windows]
                 value = self._evaluate(model, chosen, conv, device, f"ppl {dataset} {name}")
                 metrics[f"ppl/{dataset}/{name}"] = value
                 if k == 0:

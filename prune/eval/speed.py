@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -66,6 +66,7 @@ from prune.eval.speed_protocols import (
     model_device_dtype,
     random_ids,
 )
+from prune.options import Options, bounded
 
 __all__ = ["PAPER_PROTOCOLS", "PROTOCOLS", "Protocol", "SpeedEvaluator", "generate_exactly", "ideal_speedup",
            "random_ids", "speedups"]
@@ -105,6 +106,34 @@ def speedups(dense: dict[str, float], pruned: dict[str, float]) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 # The evaluator
 # --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SpeedOptions(Options):
+    """`SpeedEvaluator`'s keyword arguments, checked where they enter (``eval.speed.<name>`` in messages)."""
+
+    prefix: ClassVar[str] = "eval.speed"
+    protocols: tuple[str, ...] = PROTOCOLS
+    prefill_len: int = bounded(2048, ge=1)
+    prefill_batch: int = bounded(1, ge=1)
+    prefill_iters: int = bounded(50, ge=1)
+    decode_new_tokens: int = bounded(128, ge=0)  # >= 1 where decode runs (checked by the evaluator)
+    decode_iters: int = bounded(20, ge=1)
+    decode_prompt_len: int = bounded(64, ge=1)
+    decode_batch: int = bounded(1, ge=1)
+    throughput_prompt_len: int = bounded(64, ge=1)
+    throughput_new_tokens: int = bounded(128, ge=0)  # >= 1 where throughput runs
+    throughput_batch: int = bounded(64, ge=1)
+    throughput_iters: int = bounded(10, ge=1)
+    warmup: int = bounded(2, ge=0)
+    subprocess: bool = False
+    preset: str | None = None
+    seed: int = bounded(0, ge=0)
+
+    def check(self) -> None:
+        unknown = [p for p in self.protocols if p not in PAPER_PROTOCOLS]
+        if unknown:
+            raise PruneError(f"unknown speed protocol(s) {unknown}; choose from {PROTOCOLS}")
+
+
 class SpeedEvaluator:
     """Measures prefill latency, decode latency and generation throughput of a causal LM.
 
@@ -133,9 +162,8 @@ class SpeedEvaluator:
         preset: str | None = None,
         seed: int = 0,
     ) -> None:
-        unknown = [p for p in protocols if p not in PAPER_PROTOCOLS]
-        if unknown:
-            raise PruneError(f"unknown speed protocol(s) {unknown}; choose from {PROTOCOLS}")
+        arguments = {name: value for name, value in locals().items() if name != "self"}  # only these so far
+        SpeedOptions(**arguments)  # types, ranges and protocol names, named eval.speed.<argument>
         sizes = {
             "prefill": {"batch": prefill_batch, "prompt_len": prefill_len, "iters": prefill_iters},
             "decode": {"batch": decode_batch, "prompt_len": decode_prompt_len,

@@ -31,12 +31,13 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from prune.errors import PruneError
+from prune.options import Options, bounded
 
 log = logging.getLogger("prune.eval.zeroshot")
 
@@ -185,6 +186,30 @@ def _quiet_custom_dataset_hint() -> Iterator[None]:
         task_logger.removeFilter(hint_filter)
 
 
+@dataclass(frozen=True)
+class ZeroShotOptions(Options):
+    """The evaluator's knobs, checked where they enter (``eval.zeroshot.<name>`` in messages)."""
+
+    prefix: ClassVar[str] = "eval.zeroshot"
+    tasks: list[str]
+    source: str = "auto"
+    limit: int | float | None = bounded(None, gt=0)  # lm-eval: an int is items per task, a float < 1 a share
+    batch_size: int = bounded(8, ge=1)
+    num_fewshot: int = bounded(0, ge=0)
+    preset: str | None = None
+
+    def check(self) -> None:
+        if not self.tasks:
+            raise PruneError("no zero-shot tasks given; pass e.g. eval.zeroshot.tasks=[piqa]")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise PruneError(f"unknown zero-shot task(s) {unknown}; known: {', '.join(TASKS)}")
+        if self.source not in SOURCES:
+            raise PruneError(f"unknown zero-shot source '{self.source}'; use one of {', '.join(SOURCES)}")
+        if isinstance(self.limit, float) and self.limit > 1:
+            raise self.error("limit", "must be an item count (an int) or a share of the items in (0, 1]")
+
+
 class ZeroShotEvaluator:
     """Zero-shot accuracy of the in-memory model with lm-eval (``zs/<task>/acc[_norm]``, ``zs/mean``).
 
@@ -208,16 +233,12 @@ class ZeroShotEvaluator:
         num_fewshot: int = 0,
         preset: str | None = None,
     ) -> None:
-        if not tasks:
-            raise PruneError("no zero-shot tasks given")
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise PruneError(f"unknown zero-shot task(s) {unknown}; known: {', '.join(TASKS)}")
-        if source not in SOURCES:
-            raise PruneError(f"unknown zero-shot source '{source}'; use one of {', '.join(SOURCES)}")
-        self.tasks = list(tasks)
-        self.source = source
-        self.limit, self.batch_size, self.num_fewshot, self.preset = limit, batch_size, num_fewshot, preset
+        options = ZeroShotOptions(tasks=tasks, source=source, limit=limit, batch_size=batch_size,
+                                  num_fewshot=num_fewshot, preset=preset)
+        self.tasks = list(options.tasks)
+        self.source = options.source
+        self.limit, self.batch_size = options.limit, options.batch_size
+        self.num_fewshot, self.preset = options.num_fewshot, options.preset
         self._resolved: str | None = None
         self._task_manager: Any = None
 

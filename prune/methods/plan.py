@@ -10,14 +10,23 @@ reached. Not a pruning method of any paper; the ratio is ignored (the plan decid
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
 from prune.methods.blockpruner import plan_sets
 from prune.models.adapter import ModelAdapter
+from prune.options import Options, bounded
 from prune.types import PrunePlan
+
+
+@dataclass(frozen=True)
+class PlanOptions(Options):
+    """``method.path`` (required; checked for a file when the plan is read) and ``method.steps``."""
+
+    path: str | None = None
+    steps: int | None = bounded(None, ge=0)
 
 
 class Plan:
@@ -27,7 +36,8 @@ class Plan:
     needs_calibration = False
 
     def __init__(self, path: str | None = None, steps: int | None = None) -> None:
-        self.path, self.steps = path, steps
+        options = PlanOptions(path=path, steps=steps)
+        self.path, self.steps = options.path, options.steps
 
     def prune(self, adapter: ModelAdapter, calib: CalibrationSet | None, ratio: float) -> PrunePlan:
         saved = self._load()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
 
 from prune.data.sources import hub_reachable
@@ -49,39 +50,78 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Every source a model config can name, in the order `load_model_and_tokenizer` tries them.
+SOURCES = ("random_config", "path", "gguf_file", "hub_id", "gguf_package")
+# Sources a user sets to override a config's default: two of them at once leave one silently ignored.
+# (hub_id and gguf_package are the model configs' defaults, which `path` and `gguf_file` override by design.)
+EXPLICIT_SOURCES = ("random_config", "path", "gguf_file")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise PruneError(f"model.dtype={name} is not a dtype; pass one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` or ``cpu``; any other device must parse and be present on this machine."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise PruneError(f"model.device={name} is not a device; pass cpu, cuda, cuda:<index> or auto"
+                         ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PruneError(f"model.device={name} but this machine has no CUDA GPU; pass model.device=cpu "
+                         "(or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise PruneError(f"model.device={name} but this machine has {torch.cuda.device_count()} GPU(s); "
+                         "pass model.device=cuda:0 (or auto)")
     return name
+
+
+def model_source(cfg: DictConfig) -> str:
+    """The source key that loads this model (the first of `SOURCES` that is set).
+
+    Raises:
+        PruneError: two explicit sources are set (e.g. ``model.path`` on a random-weights config), so one
+            of them would be ignored without a word.
+    """
+    explicit = [key for key in EXPLICIT_SOURCES if cfg.get(key)]
+    if len(explicit) > 1:
+        first, other = explicit[0], explicit[1]
+        raise PruneError(f"model.{first} and model.{other} are both set and only model.{first} would be "
+                         f"used; pass model.{first}=null to use model.{other}, or drop model.{other}")
+    for key in SOURCES:
+        if cfg.get(key):
+            return key
+    raise PruneError(f"model '{cfg.name}' names no source: set model.hub_id, model.path or model.gguf_file")
 
 
 def load_model_and_tokenizer(cfg: DictConfig) -> LoadedModel:
     """Load the model described by a ``conf/model/*.yaml`` node.
 
     The first of ``random_config``, ``path``, ``gguf_file``, ``hub_id``, ``gguf_package`` that is set
-    decides the source, so ``model.path=/dir`` or ``model.gguf_file=/x.gguf`` override any default.
+    decides the source, so ``model.path=/dir`` or ``model.gguf_file=/x.gguf`` override any default
+    (`model_source`; two of random_config, path and gguf_file at once are an error).
     """
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.get("random_config"):
+    source = model_source(cfg)
+    if source == "random_config":
         loaded = _load_random(cfg)
-    elif cfg.get("path"):
+    elif source == "path":
         loaded = _load_directory(Path(cfg.path), cfg, dtype)
-    elif cfg.get("gguf_file"):
+    elif source == "gguf_file":
         loaded = _load_gguf(Path(cfg.gguf_file), cfg.get("gguf_sha256"), cfg, dtype)
-    elif cfg.get("hub_id"):
+    elif source == "hub_id":
         loaded = _load_hub(cfg, dtype)
-    elif cfg.get("gguf_package"):
-        loaded = _load_gguf(_locate_package_file(cfg.gguf_package), cfg.gguf_package.sha256, cfg, dtype)
     else:
-        raise PruneError(f"model '{cfg.name}' names no source: set model.hub_id, model.path or "
-                         "model.gguf_file")
+        loaded = _load_gguf(_locate_package_file(cfg.gguf_package), cfg.gguf_package.sha256, cfg, dtype)
     if not cfg.get("device_map"):
         loaded.model.to(device=device, dtype=dtype)
     loaded.model.eval()
@@ -92,9 +132,14 @@ def load_model_and_tokenizer(cfg: DictConfig) -> LoadedModel:
 def _load_random(cfg: DictConfig) -> LoadedModel:
     """A randomly initialised model built from an inline HF config (tiny test models; no download)."""
     kwargs = OmegaConf.to_container(cfg.random_config, resolve=True)
-    assert isinstance(kwargs, dict)
+    if not isinstance(kwargs, dict) or "model_type" not in kwargs:
+        raise PruneError("model.random_config must be a mapping with a model_type (an HF config's fields)")
     model_type = kwargs.pop("model_type")
-    config = AutoConfig.for_model(model_type, **kwargs)
+    try:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    except ValueError as err:  # an unknown model_type
+        raise PruneError(f"model.random_config.model_type={model_type} is not an HF model type "
+                         f"({_first_line(err)})") from err
     torch.manual_seed(cfg.get("random_seed", 0))
     model = AutoModelForCausalLM.from_config(config)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -110,7 +155,15 @@ def load_tokenizer(spec: str) -> Any:
         tok = GPT2TokenizerFast(vocab=str(files / "encoder.json"), merges=str(files / "vocab.bpe"))
         tok.pad_token = tok.eos_token
         return tok
-    return AutoTokenizer.from_pretrained(spec)
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as err:  # no such path / Hub id, or files that are not a tokenizer
+        raise PruneError(f"could not load the tokenizer '{spec}' ({_first_line(err)}); pass model.tokenizer="
+                         "<a tokenizer directory or Hub id> or bundled:gpt2") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _from_pretrained(source: str, cfg: DictConfig, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
@@ -126,7 +179,11 @@ def _from_pretrained(source: str, cfg: DictConfig, dtype: torch.dtype, **kwargs:
 def _load_directory(path: Path, cfg: DictConfig, dtype: torch.dtype) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise PruneError(f"model.path={path} is not an HF model directory (no config.json); fix the path")
-    model = _from_pretrained(str(path), cfg, dtype)
+    try:
+        model = _from_pretrained(str(path), cfg, dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or foreign weight files
+        raise PruneError(f"model.path={path} could not be loaded ({type(err).__name__}: {_first_line(err)}); "
+                         "re-copy or re-save the model directory") from err
     tokenizer = load_tokenizer(cfg.get("tokenizer") or str(path))
     config_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:12]
     provenance = {"source": f"path:{path.resolve()}", "key": f"path-{path.name}-{config_hash}"}
@@ -177,7 +234,11 @@ def _load_gguf(path: Path, sha256: str | None, cfg: DictConfig, dtype: torch.dty
         )
     converted = cache_dir() / "models" / f"{path.stem}-{actual[:12]}"
     if not (converted / "config.json").is_file():
-        _convert_gguf(path, converted)
+        try:
+            _convert_gguf(path, converted)
+        except (OSError, ValueError) as err:  # not a GGUF file, or an architecture transformers cannot read
+            raise PruneError(f"model.gguf_file={path} could not be read as a GGUF model "
+                             f"({_first_line(err)}); pass a GGUF file of a supported architecture") from err
     model = _from_pretrained(str(converted), cfg, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(converted))
     provenance = {
