@@ -133,3 +133,21 @@ def test_calib_configs_name_their_pool_and_style() -> None:
     rows = compose_config("calib=wikitext2_rows").calib
     assert (rows.style, rows.join, rows.nsamples, rows.pool) == ("shuffled_rows", "\n\n", 128, "all")
     assert compose_config("calib=wikitext2").calib.style == "random_windows"  # SLEB's paper stays the default
+
+
+def test_document_windows_follow_get_examples(rows_of) -> None:
+    """Shortened LLaMA's get_examples: random.seed(seed); a random row until one of >= seqlen tokens not drawn
+    before; a window randint(0, len - seqlen) inside it."""
+    rows = ["ab", "abcdef", "xyz", "0123456789", "q"]
+    rows_of(rows)
+    calib = build_calibration(CharTokenizer(), style="document_windows", nsamples=2, seqlen=3, seed=1234)
+    rng, drawn, expected = random.Random(1234), set(), []
+    while len(expected) < 2:
+        i = rng.randint(0, len(rows) - 1)
+        if len(rows[i]) >= 3 and i not in drawn:
+            drawn.add(i)
+            start = rng.randint(0, len(rows[i]) - 3)
+            expected.append(rows[i][start : start + 3])
+    assert chars(calib.input_ids) == expected == ["123", "xyz"]  # rows 3 then 2 (0, 4 too short on the way)
+    with pytest.raises(PruneError, match="lower calib.seqlen"):
+        build_calibration(CharTokenizer(), style="document_windows", nsamples=4, seqlen=3)

@@ -16,6 +16,10 @@ official code use which):
   targets) and drop a group's remainder; a group shorter than one block is kept, padded with ignored
   positions.
 
+- ``document_windows`` (Shortened LLaMA's official ``get_examples``): ``random.seed(seed)``; draw a random row
+  (document) until one of at least ``seqlen`` tokens not drawn before, encoded alone, then a window
+  ``randint(0, len - seqlen)`` inside it; ``nsamples`` windows.
+
 ``pool`` narrows the rows first (``prune.data.sources.select_pool``): ``official`` is BlockPruner's 10% Alpaca
 split, ``all`` every row.
 
@@ -127,6 +131,25 @@ def _shuffled_rows(tok: Any, rows: list[str], n: int, seqlen: int, seed: int, jo
     return _chunks(encode_cached(tok, join.join(rows[i] for i in first)), n, seqlen)
 
 
+def _document_windows(tok: Any, rows: list[str], n: int, seqlen: int, seed: int, _join: str, _g: int):
+    # Shortened LLaMA's get_examples, with its tries bounded: a set without enough long rows fails, not hangs.
+    rng, drawn, windows = random.Random(seed), set(), []
+    for _ in range(n):
+        for _try in range(100 * len(rows)):
+            i = rng.randint(0, len(rows) - 1)
+            ids = tok(rows[i])["input_ids"]
+            if len(ids) >= seqlen and i not in drawn:
+                break
+        else:
+            raise PruneError(f"found no {len(windows) + 1}th row of >= {seqlen} tokens; lower calib.seqlen "
+                             "or calib.nsamples")
+        drawn.add(i)
+        start = rng.randint(0, len(ids) - seqlen)
+        windows.append(torch.tensor(ids[start : start + seqlen], dtype=torch.long))
+    stacked = torch.stack(windows)
+    return stacked, _all_targets(stacked)
+
+
 def _check_row_count(n: int, rows: list[str]) -> None:
     if n > len(rows):
         raise PruneError(f"calib.nsamples={n} rows requested but the pool has {len(rows)}; "
@@ -173,4 +196,4 @@ def _group_blocks(group: torch.Tensor, block: int) -> list[torch.Tensor]:
 
 
 BUILDERS = {"random_windows": _random_windows, "row_chunks": _row_chunks, "shuffled_rows": _shuffled_rows,
-            "line_blocks": _line_blocks}
+            "document_windows": _document_windows, "line_blocks": _line_blocks}
