@@ -141,8 +141,8 @@ def _document_windows(tok: Any, rows: list[str], n: int, seqlen: int, seed: int,
             if len(ids) >= seqlen and i not in drawn:
                 break
         else:
-            raise PruneError(f"found no {len(windows) + 1}th row of >= {seqlen} tokens; lower calib.seqlen "
-                             "or calib.nsamples")
+            raise PruneError(f"only {len(windows)} of calib.nsamples={n} rows of >= {seqlen} tokens found; "
+                             "lower calib.seqlen or calib.nsamples")
         drawn.add(i)
         start = rng.randint(0, len(ids) - seqlen)
         windows.append(torch.tensor(ids[start : start + seqlen], dtype=torch.long))
