@@ -1,6 +1,9 @@
 """Raw text rows of each dataset, from the Hugging Face Hub when reachable, else from bundled files.
 
 Every loader returns ``(rows, source)`` where ``source`` says which copy was used; runs log it.
+``select_pool`` then narrows the rows to the pool a method's official code draws from (BlockPruner's 10%
+Alpaca split), with the index arithmetic of the `datasets` calls that code makes (``train_test_split``,
+``shuffle``), so the Hub and the bundled copy are treated alike.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ import functools
 import gzip
 import json
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable
+
+import numpy as np
 
 from prune.errors import PruneError
 from prune.paths import bundled
@@ -122,3 +128,53 @@ def load_rows(dataset: str, split: str, source: str = "auto") -> tuple[list[str]
             log.warning("Hub load of %s/%s failed (%s); using the bundled copy", dataset, split, err)
     loader, label = BUNDLED[(dataset, split)]
     return loader(), label
+
+
+def shuffled_indices(count: int, seed: int) -> list[int]:
+    """The row order of `datasets`' ``Dataset.shuffle(seed=seed)`` on `count` rows (a PCG64 permutation)."""
+    return np.random.default_rng(seed).permutation(count).tolist()
+
+
+def train_test_split_indices(count: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """The (train, test) row indices, in order, of `datasets`' ``train_test_split(test_size, seed=seed)``.
+
+    `datasets` takes ``ceil(test_size * count)`` test rows from the front of the seeded permutation and the
+    train rows right after them.
+    """
+    n_test = math.ceil(test_size * count)
+    permutation = shuffled_indices(count, seed)
+    return permutation[n_test:], permutation[:n_test]
+
+
+def blockpruner_pool_indices(count: int) -> list[int]:
+    """The rows BlockPruner's official code samples Alpaca calibration from, in that code's order.
+
+    ``utils.get_dataset``: split 80/20 (seed 42), split the 20% again 50/50 (seed 42) and keep the *train*
+    half of the second split as its "test" set, about 10% of the records.
+    """
+    _, held_out = train_test_split_indices(count, 0.2, 42)
+    second_train, _ = train_test_split_indices(len(held_out), 0.5, 42)
+    return [held_out[i] for i in second_train]
+
+
+# pool name -> (datasets it applies to, row indices of a dataset of n rows, description for the log)
+POOLS: dict[str, tuple[frozenset[str] | None, Callable[[int], list[int]], str]] = {
+    "all": (None, lambda n: list(range(n)), "all rows"),
+    "official": (frozenset({"alpaca"}), blockpruner_pool_indices,
+                 "BlockPruner's official 10% split (80/20 then 50/50, seed 42, train half)"),
+}
+
+
+def select_pool(rows: list[str], dataset: str, pool: str) -> tuple[list[str], str]:
+    """The rows of `pool` (``all`` or ``official``) and a description of it for the log.
+
+    Raises:
+        PruneError: an unknown pool, or a pool that `dataset` has no definition for.
+    """
+    if pool not in POOLS:
+        raise PruneError(f"calib.pool={pool} is not a pool; choose one of {', '.join(POOLS)}")
+    datasets, indices, description = POOLS[pool]
+    if datasets is not None and dataset not in datasets:
+        raise PruneError(f"calib.pool={pool} is defined for {', '.join(sorted(datasets))} only; "
+                         "use calib.pool=all")
+    return [rows[i] for i in indices(len(rows))], description
