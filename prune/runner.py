@@ -85,6 +85,7 @@ def run(cfg: DictConfig) -> float | None:
         record = {
             "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
             "dense_metrics": dense_metrics, "plan": plan_json,
+            "quality_flags": plan.info.get("quality_flags", []),
             "metric_config": {k: e.describe() for k, e in evaluators.items()}
             | {"mem": peak.kind, "dense_speed": cfg.dense_speed},
             "config": OmegaConf.to_container(cfg, resolve=True), "choices": choices,
