@@ -10,8 +10,8 @@ The vocabulary (one `Flag` each):
 
 - ``untrained``: DISP-LLM's sampled masks ended away from the target ratio (``plan.info.reached_target``
   false): the budget threshold met the ratio by ranking logits that had barely moved.
-- ``unsettled``: ELDeR's stage-1 ranking had not settled: within a round the layers it masked were not the
-  smallest scales over the round's second half.
+- ``unsettled``: ELDeR's stage-1 ranking had not settled: in some round the layers it masked were not the
+  smallest scales throughout the round's second half, or not by more than the scales still moved over it.
 - ``few_tokens``: a greedy search (BlockPruner, SLEB) scored its candidates on fewer calibration tokens than
   the method's documented minimum.
 """
@@ -38,8 +38,8 @@ class Flag:
 
 UNTRAINED = Flag("untrained", "the hypernetwork's sampled masks ended away from the target ratio (DISP-LLM "
                               "not trained to it; the final widths are mostly the budget threshold's doing)")
-UNSETTLED = Flag("unsettled", "stage 1's layer ranking had not settled (ELDeR: the masked layers were not "
-                              "the smallest scales over the second half of their round)")
+UNSETTLED = Flag("unsettled", "stage 1's layer ranking had not settled (ELDeR: in some round the masked "
+                              "layers were not the smallest scales by more than the scales still moved)")
 FEW_TOKENS = Flag("few_tokens", "the search scored its candidates on fewer calibration tokens than the "
                                 "method's documented minimum")
 FLAGS = {flag.name: flag for flag in (UNTRAINED, UNSETTLED, FEW_TOKENS)}

@@ -300,14 +300,14 @@ class Elder(WithOptions[ElderOptions]):
 
     def _quality_flags(self, rounds: list[dict[str, Any]], curves: dict[str, list], candidates: list[int],
                        seconds: float) -> list[dict[str, str]]:
-        """``unsettled`` when some round's pick was not already the smallest |S| over the round's second half
-        (`unsettled_rounds`), with the fix: more steps per round and their cost at this run's pace."""
+        """``unsettled`` when some round's ranking was still moving at its end (`unsettled_rounds`), with the
+        fix: more steps per round and their cost at this run's pace."""
         late = unsettled_rounds(rounds, curves, candidates)
         if not late:
             return []
         steps = len(curves["round"]) // len(rounds)
         more = (FIX_STEPS_FACTOR - 1) * seconds / 60
-        detail = (f"the masked layers changed within the second half of round(s) {[r + 1 for r in late]} of "
+        detail = (f"the layer ranking was still moving at the end of round(s) {[r + 1 for r in late]} of "
                   f"{len(rounds)} ({steps} steps per round)")
         fix = (f"method.stage1_steps_per_round={FIX_STEPS_FACTOR * steps} (about {more:.0f} min more of "
                f"stage 1 at this run's pace)")
@@ -439,20 +439,33 @@ class Elder(WithOptions[ElderOptions]):
 
 def unsettled_rounds(rounds: list[dict[str, Any]], curves: dict[str, list], candidates: list[int]
                      ) -> list[int]:
-    """The stage-1 rounds (0-based) whose masked layers were not the smallest |S| at every step of the round's
-    second half: the ranking was still moving when the round ended, so another step or window order could
-    have masked other layers. A round of one step has no second half to compare and counts as unsettled."""
+    """The stage-1 rounds (0-based) whose ranking had not settled when they ended: the masked layers were not
+    the smallest |S| at every step of the round's second half, or they were smaller than the next selectable
+    scale by less than the scales still moved over that half (another step could have reordered them; a
+    round of one step has no second half and counts as unsettled)."""
     late: list[int] = []
     masked: list[int] = []
     for r, done in enumerate(rounds):
         selectable = [i for i in candidates if i not in masked]
         snapshots = [s for s, k in zip(curves["scales"], curves["round"]) if k == r]
-        second_half = snapshots[len(snapshots) // 2 :] if len(snapshots) > 1 else []
-        picked = set(done["selected"])
-        if not second_half or any(_smallest(v, selectable, len(picked)) != picked for v in second_half):
+        if not _settled(snapshots, selectable, set(done["selected"])):
             late.append(r)
         masked.extend(done["selected"])
     return late
+
+
+def _settled(snapshots: list[list[float]], selectable: list[int], picked: set[int]) -> bool:
+    """One round (`unsettled_rounds`): its per-step scale snapshots, the layers it could mask and masked."""
+    half = len(snapshots) // 2
+    if half == 0:
+        return False
+    if any(_smallest(values, selectable, len(picked)) != picked for values in snapshots[half:]):
+        return False
+    before, end = snapshots[half - 1], snapshots[-1]
+    moved = max(abs(abs(end[i]) - abs(before[i])) for i in selectable)
+    rest = [abs(end[i]) for i in selectable if i not in picked]
+    margin = min(rest) - max(abs(end[i]) for i in picked) if rest else math.inf
+    return margin > moved
 
 
 def _smallest(values: list[float], selectable: list[int], k: int) -> set[int]:
