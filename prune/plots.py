@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from prune import quality  # noqa: E402
+
 # (file stem, y metric, y label, log scale)
 PLOTS = [
     ("ppl_vs_ratio", "ppl/wikitext2", "WikiText-2 perplexity", True),
@@ -36,7 +38,8 @@ def _series(cells: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[fl
     for cell in cells:
         m = cell["metrics"]
         if metric in m and m[metric] == m[metric]:  # skip NaN
-            series[cell["plan"]["method"]].append((100 * m["params/removed_frac"], float(m[metric])))
+            label = f"{cell['plan']['method']} {quality.mark(cell)}".rstrip()  # flagged cells: own series
+            series[label].append((100 * m["params/removed_frac"], float(m[metric])))
     return {k: sorted(v) for k, v in series.items()}
 
 

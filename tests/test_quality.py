@@ -108,6 +108,17 @@ def test_a_search_on_fewer_tokens_than_the_minimum_is_flagged() -> None:
     assert few_tokens_flags(calib(14, 2048)) == []  # BlockPruner's paper calibration
 
 
+def test_figures_draw_flagged_cells_as_their_own_marked_series() -> None:
+    from prune.plots import _series
+
+    def cell(flags: list) -> dict:
+        return {"plan": {"method": "disp"}, "metrics": {"params/removed_frac": 0.2, "ppl/wikitext2": 50.0},
+                "quality_flags": flags}
+
+    flagged = [quality.raised(quality.UNTRAINED, "d", "f")]
+    assert set(_series([cell([]), cell(flagged)], "ppl/wikitext2")) == {"disp", "disp †untrained"}
+
+
 @pytest.mark.parametrize("flag", sorted(quality.FLAGS))
 def test_every_flag_has_a_mark_and_a_footnote(flag: str) -> None:
     record = {"quality_flags": [quality.raised(quality.FLAGS[flag], "d", "f")]}
