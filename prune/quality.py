@@ -64,7 +64,7 @@ def warning_line(flags: list[dict[str, str]]) -> str | None:
         return None
     what = "; ".join(f"{f['flag']}: {f['detail']}" for f in flags)
     fixes = "; ".join(dict.fromkeys(f["fix"] for f in flags))
-    return f"warning: not a converged result ({what}); for one, run with {fixes}"
+    return f"warning: not a converged result ({what}); fix: {fixes}"
 
 
 def mark(record: dict[str, Any] | None) -> str:

@@ -30,7 +30,7 @@ def test_an_under_budget_disp_run_is_flagged_warned_and_marked_in_its_table(tmp_
     record = json.loads((cell / "results.json").read_text())
     assert record["plan"]["info"]["reached_target"] is False
     assert [f["flag"] for f in record["quality_flags"]] == ["untrained"]
-    assert record["quality_flags"][0]["fix"].startswith("method.steps=25 ")
+    assert record["quality_flags"][0]["fix"].startswith("method.steps=25 (starts over: about ")
     warnings = [line for line in out.stdout.splitlines() if line.startswith("warning: not a converged")]
     assert len(warnings) == 1 and "untrained" in warnings[0] and "method.steps=25" in warnings[0]
 
@@ -53,8 +53,8 @@ def test_a_trained_run_carries_no_flag_and_no_warning() -> None:
     assert not any(line.startswith("warning") for line in summary_lines(record))
     assert quality.mark(record) == "" and quality.footnote([record, {}]) is None
     flagged = record | {"quality_flags": [quality.raised(quality.UNSETTLED, "moved", "method.x=1 (1 min)")]}
-    assert summary_lines(flagged)[-1] == ("warning: not a converged result (unsettled: moved); for one, run "
-                                          "with method.x=1 (1 min)")
+    assert summary_lines(flagged)[-1] == ("warning: not a converged result (unsettled: moved); fix: "
+                                          "method.x=1 (1 min)")
     assert quality.mark(flagged) == "†unsettled"
 
 

@@ -247,17 +247,19 @@ class Disp(WithOptions[DispOptions]):
 
     def _quality_flags(self, info: dict[str, Any], ratio: float) -> list[dict[str, str]]:
         """``untrained`` when training ended away from the ratio (`_reached_target`), with the fix: more
-        steps, which resume this run's checkpoint, and their cost at this run's pace."""
+        steps (resuming this run's checkpoint when it has one) and their cost at this run's pace."""
         if info.get("reached_target", True):
             return []
         steps = self.options.steps
         factor = next(f for upto, f in FIX_STEPS_FACTOR.items() if ratio <= upto)
         trained_here = steps - info["resumed_from_step"]
         pace = info["time_train_s"] / trained_here if trained_here else None
-        cost = f", about {pace * (factor - 1) * steps / 60:.0f} min more at this run's pace" if pace else ""
+        more = (factor - 1) * steps if info["checkpoint"] else factor * steps  # without one it starts over
+        cost = f"about {pace * more / 60:.0f} min more at this run's pace" if pace else "more steps"
+        start = "resumes the checkpoint" if info["checkpoint"] else "starts over"
         detail = (f"sampled masks remove {info['trained_removed_frac']:.3f} after {steps} steps, "
                   f"target {ratio:.3f}")
-        fix = f"method.steps={factor * steps} (resumes the checkpoint{cost})"
+        fix = f"method.steps={factor * steps} ({start}: {cost})"
         return [raised(UNTRAINED, detail, fix)]
 
     def _check_reachable(self, cost: WidthCost, ratio: float) -> None:
