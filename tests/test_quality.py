@@ -30,9 +30,9 @@ def test_an_under_budget_disp_run_is_flagged_warned_and_marked_in_its_table(tmp_
     record = json.loads((cell / "results.json").read_text())
     assert record["plan"]["info"]["reached_target"] is False
     assert [f["flag"] for f in record["quality_flags"]] == ["untrained"]
-    assert record["quality_flags"][0]["fix"].startswith("method.steps=25 (starts over: about ")
+    assert record["quality_flags"][0]["fix"].startswith("method.steps=1000 (starts over: about ")
     warnings = [line for line in out.stdout.splitlines() if line.startswith("warning: not a converged")]
-    assert len(warnings) == 1 and "untrained" in warnings[0] and "method.steps=25" in warnings[0]
+    assert len(warnings) == 1 and "untrained" in warnings[0] and "method.steps=1000" in warnings[0]
 
     meta = tables.aggregate("table2", ["scale=smoke", f"paths.outputs_root={tmp_path}/outputs"],
                             results_dir=tmp_path / "table", log=False)

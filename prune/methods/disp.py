@@ -74,9 +74,9 @@ log = logging.getLogger(__name__)
 # How close (in fraction of parameters) the sampled masks of the last TARGET_POINTS curve points must come, on
 # average, to the ratio for a run to count as having trained to its target (single samples are noisy).
 TARGET_TOLERANCE, TARGET_POINTS = 0.05, 5
-# How many times its steps an untrained run's fix asks for: at the CPU preset (256-token pieces) 1000 steps
-# train 20% (200 do not) and 1500 reach 46.7% of 50% (experiments/table2, DISP-LLM section).
-FIX_STEPS_FACTOR = {0.25: 5, 1.0: 8}  # up to this ratio: factor
+# The steps an untrained run's fix asks for (at least twice its own), by ratio: on the embedded model 500
+# steps train 20% (128- or 256-token pieces) and 1500 reach 46.7% of 50% (experiments/table2, DISP-LLM).
+FIX_STEPS = {0.25: 1000, 1.0: 1500}  # up to this ratio: steps
 CHECKPOINT_VERSION = 1
 
 
@@ -251,15 +251,15 @@ class Disp(WithOptions[DispOptions]):
         if info.get("reached_target", True):
             return []
         steps = self.options.steps
-        factor = next(f for upto, f in FIX_STEPS_FACTOR.items() if ratio <= upto)
+        fix_steps = max(2 * steps, next(n for upto, n in FIX_STEPS.items() if ratio <= upto))
         trained_here = steps - info["resumed_from_step"]
         pace = info["time_train_s"] / trained_here if trained_here else None
-        more = (factor - 1) * steps if info["checkpoint"] else factor * steps  # without one it starts over
+        more = fix_steps - steps if info["checkpoint"] else fix_steps  # without a checkpoint it starts over
         cost = f"about {pace * more / 60:.0f} min more at this run's pace" if pace else "more steps"
         start = "resumes the checkpoint" if info["checkpoint"] else "starts over"
         detail = (f"sampled masks remove {info['trained_removed_frac']:.3f} after {steps} steps, "
                   f"target {ratio:.3f}")
-        fix = f"method.steps={factor * steps} ({start}: {cost})"
+        fix = f"method.steps={fix_steps} ({start}: {cost})"
         return [raised(UNTRAINED, detail, fix)]
 
     def _check_reachable(self, cost: WidthCost, ratio: float) -> None:
