@@ -92,7 +92,8 @@ log = logging.getLogger(__name__)
 
 # (input_ids[B, T], target_mask[B, T]) -> named scalar loss terms of one micro-batch.
 DataLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
-# How many times its stage-1 steps per round an unsettled run's fix asks for (experiments/table2, ELDeR).
+# How many times its stage-1 steps per round an unsettled run's fix asks for: the next budget to try, not one
+# known to settle (on the embedded model none measured did; experiments/table2, ELDeR).
 FIX_STEPS_FACTOR = 4
 
 
@@ -309,8 +310,8 @@ class Elder(WithOptions[ElderOptions]):
         more = (FIX_STEPS_FACTOR - 1) * seconds / 60
         detail = (f"the layer ranking was still moving at the end of round(s) {[r + 1 for r in late]} of "
                   f"{len(rounds)} ({steps} steps per round)")
-        fix = (f"method.stage1_steps_per_round={FIX_STEPS_FACTOR * steps} (about {more:.0f} min more of "
-               f"stage 1 at this run's pace)")
+        fix = (f"method.stage1_steps_per_round={FIX_STEPS_FACTOR * steps} (the next budget to try: about "
+               f"{more:.0f} min more of stage 1 at this run's pace)")
         return [raised(UNSETTLED, detail, fix)]
 
     # ---- stage 2 ---------------------------------------------------------------------------------------
