@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from prune import quality
 from prune.errors import PruneError
 from prune.paths import cache_dir
 from prune.store import digest, write_json_atomic  # noqa: F401  (write_json_atomic: the runner's name)
@@ -111,7 +112,8 @@ def _compared(key: str, dense: dict[str, Any], pruned: dict[str, Any]) -> str:
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
-    """A short human-readable account of one run, for the terminal."""
+    """A short human-readable account of one run, for the terminal; a run whose method flagged it as not
+    converged (`prune.quality`) ends with one warning line naming the fix."""
     cfg, m, dense = results["config"], results["metrics"], results.get("dense_metrics", {})
     plan = results["plan"]
     lines = [f"== {cfg['model']['name']} | {plan['method']} | ratio {cfg['ratio']} ({plan['ratio_unit']}) =="]
@@ -134,4 +136,5 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     if any(k.startswith("speed/") and not k.endswith("ideal_speedup") for k in m):
         lines.append("speed-up vs dense: " + ", ".join(ratios))
     lines.append(f"prune time {m['time/prune_s']:.1f} s, peak memory {m['mem/prune_peak_gb']:.2f} GB")
-    return lines
+    warning = quality.warning_line(quality.flags_of(results))
+    return lines + ([warning] if warning else [])

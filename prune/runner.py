@@ -116,6 +116,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         record = {
             "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
             "dense_metrics": dense_metrics, "plan": plan_json,
+            "quality_flags": plan.info.get("quality_flags", []),
             "metric_config": {k: e.describe() for k, e in evaluators.items()}
             | {"mem": peak.kind, "dense_speed": cfg.dense_speed},
             "config": config, "config_digest": results.config_digest(config), "choices": choices,

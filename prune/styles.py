@@ -54,8 +54,8 @@ MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "p", "d", "<", ">", "H",
 
 
 def base_method(label: str) -> str:
-    """The method of a row label: ``blockpruner[search=false]`` -> ``blockpruner``."""
-    return label.split("[", 1)[0]
+    """The method of a row label: ``blockpruner[search=false]`` or ``disp †untrained`` -> the method."""
+    return label.split("[", 1)[0].split(" ", 1)[0]
 
 
 def legend_order(label: str) -> tuple[int, str]:

@@ -65,6 +65,7 @@ from prune.models.width import SITES, KeepDims, Masks, WidthCost, gated
 from prune.options import Options, bounded
 from prune.paths import cache_dir
 from prune.provenance import model_fingerprint
+from prune.quality import UNTRAINED, raised
 from prune.store import KeyedFile, digest
 from prune.types import PrunePlan
 
@@ -73,6 +74,9 @@ log = logging.getLogger(__name__)
 # How close (in fraction of parameters) the sampled masks of the last TARGET_POINTS curve points must come, on
 # average, to the ratio for a run to count as having trained to its target (single samples are noisy).
 TARGET_TOLERANCE, TARGET_POINTS = 0.05, 5
+# The steps an untrained run's fix asks for (at least twice its own), by ratio: on the embedded model 500
+# steps train 20% (128- or 256-token pieces) and 1500 reach 46.7% of 50% (experiments/table2, DISP-LLM).
+FIX_STEPS = {0.25: 1000, 1.0: 1500}  # up to this ratio: steps
 CHECKPOINT_VERSION = 1
 
 
@@ -219,6 +223,7 @@ class Disp(WithOptions[DispOptions]):
             "final_threshold": tau, "p_kept": 1 - ratio, "time_train_s": time.perf_counter() - t0,
             "processes": dist.n, "options": o.recorded(), "checkpoint": str(ckpt.path) if ckpt else None,
         }
+        info["quality_flags"] = self._quality_flags(info, ratio)
         kept = [cost.count([s], True) / cost.count([w], True) for s, w in zip(sizes, cost.widths)]
         return PrunePlan(method="disp", ratio=ratio, ratio_unit=self.ratio_unit, keep_dims=keep,
                          scores={"kept_linear_frac_per_layer": kept}, info=info)
@@ -239,6 +244,23 @@ class Disp(WithOptions[DispOptions]):
                         "threshold's doing; raise method.steps (paper 10,000)",
                         curves["step"][-1], trained, self.options.ratio_params, ratio)
         return {"trained_removed_frac": trained, "reached_target": reached}
+
+    def _quality_flags(self, info: dict[str, Any], ratio: float) -> list[dict[str, str]]:
+        """``untrained`` when training ended away from the ratio (`_reached_target`), with the fix: more
+        steps (resuming this run's checkpoint when it has one) and their cost at this run's pace."""
+        if info.get("reached_target", True):
+            return []
+        steps = self.options.steps
+        fix_steps = max(2 * steps, next(n for upto, n in FIX_STEPS.items() if ratio <= upto))
+        trained_here = steps - info["resumed_from_step"]
+        pace = info["time_train_s"] / trained_here if trained_here else None
+        more = fix_steps - steps if info["checkpoint"] else fix_steps  # without a checkpoint it starts over
+        cost = f"about {pace * more / 60:.0f} min more at this run's pace" if pace else "more steps"
+        start = "resumes the checkpoint" if info["checkpoint"] else "starts over"
+        detail = (f"sampled masks remove {info['trained_removed_frac']:.3f} after {steps} steps, "
+                  f"target {ratio:.3f}")
+        fix = f"method.steps={fix_steps} ({start}: {cost})"
+        return [raised(UNTRAINED, detail, fix)]
 
     def _check_reachable(self, cost: WidthCost, ratio: float) -> None:
         if not 0 <= ratio < 1:

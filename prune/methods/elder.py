@@ -85,12 +85,16 @@ from prune.methods.training import (
 from prune.models.adapter import ModelAdapter
 from prune.models.hooks import layer_io, layer_scales
 from prune.options import Options, bounded
+from prune.quality import UNSETTLED, raised
 from prune.types import PrunePlan
 
 log = logging.getLogger(__name__)
 
 # (input_ids[B, T], target_mask[B, T]) -> named scalar loss terms of one micro-batch.
 DataLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# How many times its stage-1 steps per round an unsettled run's fix asks for: the next budget to try, not one
+# known to settle (on the embedded model none measured did; experiments/table2, ELDeR).
+FIX_STEPS_FACTOR = 4
 
 
 class LayerScales:
@@ -225,6 +229,8 @@ class Elder(WithOptions[ElderOptions]):
                 order, rounds, curves1 = self._stage1(adapter, data, dist, n, candidates)
                 info |= {"selection_order": order, "rounds": rounds, "stage1_curves": curves1,
                          "time_stage1_s": time.perf_counter() - t0}
+                info["quality_flags"] = self._quality_flags(rounds, curves1, candidates,
+                                                            info["time_stage1_s"])
                 scores["abs_scale_round1"] = [abs(s) for s in rounds[0]["scales"]]
             else:
                 order = o.fixed_layers
@@ -292,6 +298,21 @@ class Elder(WithOptions[ElderOptions]):
                 log.info("elder stage 1 round %d: masked %s (|S| = %s)", r + 1, picked,
                          [round(abs(values[i]), 4) for i in picked])
         return list(masked), rounds, curves
+
+    def _quality_flags(self, rounds: list[dict[str, Any]], curves: dict[str, list], candidates: list[int],
+                       seconds: float) -> list[dict[str, str]]:
+        """``unsettled`` when some round's ranking was still moving at its end (`unsettled_rounds`), with the
+        fix: more steps per round and their cost at this run's pace."""
+        late = unsettled_rounds(rounds, curves, candidates)
+        if not late:
+            return []
+        steps = len(curves["round"]) // len(rounds)
+        more = (FIX_STEPS_FACTOR - 1) * seconds / 60
+        detail = (f"the layer ranking was still moving at the end of round(s) {[r + 1 for r in late]} of "
+                  f"{len(rounds)} ({steps} steps per round)")
+        fix = (f"method.stage1_steps_per_round={FIX_STEPS_FACTOR * steps} (the next budget to try: about "
+               f"{more:.0f} min more of stage 1 at this run's pace)")
+        return [raised(UNSETTLED, detail, fix)]
 
     # ---- stage 2 ---------------------------------------------------------------------------------------
 
@@ -415,3 +436,39 @@ class Elder(WithOptions[ElderOptions]):
         if steps is not None:
             return int(steps)
         return max(1, math.ceil(epochs * n_windows / self.options.global_batch))
+
+
+def unsettled_rounds(rounds: list[dict[str, Any]], curves: dict[str, list], candidates: list[int]
+                     ) -> list[int]:
+    """The stage-1 rounds (0-based) whose ranking had not settled when they ended: the masked layers were not
+    the smallest |S| at every step of the round's second half, or they were smaller than the next selectable
+    scale by less than the scales still moved over that half (another step could have reordered them; a
+    round of one step has no second half and counts as unsettled)."""
+    late: list[int] = []
+    masked: list[int] = []
+    for r, done in enumerate(rounds):
+        selectable = [i for i in candidates if i not in masked]
+        snapshots = [s for s, k in zip(curves["scales"], curves["round"]) if k == r]
+        if not _settled(snapshots, selectable, set(done["selected"])):
+            late.append(r)
+        masked.extend(done["selected"])
+    return late
+
+
+def _settled(snapshots: list[list[float]], selectable: list[int], picked: set[int]) -> bool:
+    """One round (`unsettled_rounds`): its per-step scale snapshots, the layers it could mask and masked."""
+    half = len(snapshots) // 2
+    if half == 0:
+        return False
+    if any(_smallest(values, selectable, len(picked)) != picked for values in snapshots[half:]):
+        return False
+    before, end = snapshots[half - 1], snapshots[-1]
+    moved = max(abs(abs(end[i]) - abs(before[i])) for i in selectable)
+    rest = [abs(end[i]) for i in selectable if i not in picked]
+    margin = min(rest) - max(abs(end[i]) for i in picked) if rest else math.inf
+    return margin > moved
+
+
+def _smallest(values: list[float], selectable: list[int], k: int) -> set[int]:
+    """The k selectable layers stage 1 would mask at these scale values (smallest |S|, ties: lower index)."""
+    return set(sorted(selectable, key=lambda i: (abs(values[i]), i))[:k])

@@ -40,6 +40,7 @@ from prune.models.adapter import ModelAdapter
 from prune.options import Options, bounded
 from prune.paths import cache_dir
 from prune.provenance import model_fingerprint
+from prune.quality import FEW_TOKENS, raised
 from prune.store import KeyedFile, digest
 from prune.types import PrunePlan
 
@@ -50,6 +51,12 @@ CACHE_VERSION = 1
 TOTALS = ("evaluations", "completed", "aborted", "bound_stops", "full_heads", "plain_evaluations",
           "layer_passes", "plain_layer_passes", "cache_layer_passes", "seconds")
 RATIO_RULE = "the first step whose removed parameters (of all parameters) reach the ratio"
+# The documented minimum of scored calibration tokens for a search (below it the plan is flagged
+# ``few_tokens``): 14 x 2048 Alpaca tokens, BlockPruner's paper calibration, put its removal order below
+# ShortGPT's on the embedded model; the CPU preset's 4 x 128 did not (experiments/reference_gpu).
+MIN_SEARCH_TOKENS = 28_000
+FEW_TOKENS_FIX = ("method.max_sequences=null method.max_seqlen=null calib.nsamples=14 (14 x 2048 tokens: "
+                  "BlockPruner's search took 95 s on one H200, ~9 h on a 2-core CPU)")
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,15 @@ def plan_sets(removed: list[Block]) -> tuple[list[int], list[int], list[int]]:
 def plain_evaluations(num_candidates: int, first_step: int, steps: int) -> int:
     """Evaluations of the plain greedy search for steps first_step+1..first_step+steps: Σ (C - j + 1)."""
     return sum(num_candidates - j for j in range(first_step, first_step + steps))
+
+
+def few_tokens_flags(calib: CalibrationSet) -> list[dict[str, str]]:
+    """``few_tokens`` when the search scores fewer calibration tokens than MIN_SEARCH_TOKENS."""
+    tokens = int(calib.target_mask.sum())
+    if tokens >= MIN_SEARCH_TOKENS:
+        return []
+    detail = f"searched on {tokens} scored tokens ({len(calib)} sequences), minimum {MIN_SEARCH_TOKENS}"
+    return [raised(FEW_TOKENS, detail, FEW_TOKENS_FIX)]
 
 
 @dataclass
@@ -237,7 +253,9 @@ class GreedySearch:
         cost.seconds = time.perf_counter() - started
         k = next(k for k in range(len(state.order) + 1) if reached(state.order[:k]))
         fracs = [removed_params(state.order[: j + 1]) / total for j in range(k)]
-        return self.plan(ratio, state, k, fracs, cost, cache)
+        plan = self.plan(ratio, state, k, fracs, cost, cache)
+        plan.info["quality_flags"] = few_tokens_flags(calib)
+        return plan
 
     def check_reachable(self, ratio: float, max_frac: float) -> None:
         n = len(self.candidates)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from prune import quality
 from prune.errors import PruneError
 from prune.tables.specs import REMOVED, TABLES, Column
 
@@ -33,7 +34,8 @@ def _method_settings(record: dict[str, Any]) -> dict[str, str]:
 
 def cell_labels(records: list[dict[str, Any]]) -> list[str]:
     """Each cell's row label as the tables write it: its method, plus each method setting whose value differs
-    from the method's first cell (the grid's first, the full method): ``blockpruner[search=false]``."""
+    from the method's first cell (the grid's first, the full method): ``blockpruner[search=false]``; a cell
+    flagged as not converged is its own series, with its mark: ``disp †untrained`` (`prune.quality`)."""
     methods = [r["plan"]["method"] for r in records]
     first: dict[str, dict[str, str]] = {}
     for method, record in zip(methods, records):
@@ -42,7 +44,8 @@ def cell_labels(records: list[dict[str, Any]]) -> list[str]:
     for method, record in zip(methods, records):
         mine = _method_settings(record)
         variant = ",".join(f"{k}={_text(v)}" for k, v in mine.items() if first[method].get(k) != v)
-        labels.append(f"{method}[{variant}]" if variant else method)
+        label = f"{method}[{variant}]" if variant else method
+        labels.append(f"{label} {quality.mark(record)}".rstrip())
     return labels
 
 
@@ -81,6 +84,9 @@ def from_table(frame: Any) -> Any:
     """The points of a table frame (``build_table``'s, or ``table.csv`` read back): its ``ours`` and
     ``paper`` rows; ``diff`` rows are left out."""
     df = frame[frame["kind"].isin(["ours", "paper"])]
+    if "source" in df.columns:  # flagged rows (source ``ours †untrained``) are their own marked series
+        marks = df["source"].fillna("").str.extract(r"(†.*)$", expand=False).fillna("")
+        df = df.assign(method=(df["method"].astype(str) + " " + marks).str.rstrip())
     renamed = {label: ("x" if c.key == REMOVED.key else c.key) for label, c in COLUMNS_BY_LABEL.items()}
     keep = ["kind", "method", "ratio", *(label for label in renamed if label in df.columns)]
     return _finish(df[keep].rename(columns=renamed).assign(seed=None))

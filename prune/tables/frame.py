@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from prune import quality
 from prune.tables.grid import row_label
 from prune.tables.specs import REMOVED, TableSpec
 
@@ -49,7 +50,9 @@ def _against(metrics: dict[str, Any], dense: dict[str, float] | None) -> dict[st
 
 
 def _ours(spec: TableSpec, grid: dict[str, list[Any]], matched: Pairs) -> list[dict[str, Any]]:
-    """One ``ours`` row per grid cell in grid order (the dense model once: the ratio does not apply to it)."""
+    """One ``ours`` row per grid cell in grid order (the dense model once: the ratio does not apply to it). A
+    cell whose method flagged it as not converged carries the flags' marks in its source (``ours
+    †untrained``; the header's footnote explains them)."""
     dense = _dense_metrics(matched, grid)
     ours: list[dict[str, Any]] = []
     for cell, record in matched:
@@ -59,7 +62,7 @@ def _ours(spec: TableSpec, grid: dict[str, list[Any]], matched: Pairs) -> list[d
         metrics = _against(record["metrics"], dense) if record else {}
         values = {c.label: float(metrics[c.key]) * c.scale if isinstance(metrics.get(c.key), (int, float))
                   else math.nan for c in spec.columns}
-        source = "ours" if record else "ours (missing)"
+        source = f"ours {quality.mark(record)}".rstrip() if record else "ours (missing)"
         ratio = 0.0 if label == "dense" else float(cell.get("ratio", 0.0))
         ours.append(_row("ours", label, ratio, source, values))
     return ours

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from prune import quality
 from prune.tables.grid import Matched, Sweep, fmt_value, mapping
 from prune.tables.specs import AVG_MARGIN, TableSpec
 
@@ -62,7 +63,8 @@ def preset_line(record: dict[str, Any] | None) -> str:
 
 
 def header(spec: TableSpec, sweep: Sweep, matched: Matched, model: str, failed: dict[str, str]) -> list[str]:
-    """The Markdown lines above the table: scale, model and preset, grid and progress, how to read it."""
+    """The Markdown lines above the table: scale, model and preset, grid and progress, how to read it, and
+    what the marks of flagged rows (`prune.quality`) mean."""
     done, missing = matched.done, matched.missing
     grid = "; ".join(f"{k} = {', '.join(fmt_value(v) for v in vs)}" for k, vs in sweep.grid.items())
     lines = [
@@ -83,6 +85,9 @@ def header(spec: TableSpec, sweep: Sweep, matched: Matched, model: str, failed: 
                      "over the dense row's), so they agree with the times shown.")
     if sweep.scale.get("name") != "paper":
         lines.append("Ours is a different model from the papers' here: compare trends, not values.")
+    flagged = quality.footnote(done)
+    if flagged:
+        lines.append(flagged)
     if missing:
         lines.append("Missing cells: " + "; ".join(missing) + ".")
     if failed:
