@@ -104,7 +104,9 @@ def test_a_search_on_fewer_tokens_than_the_minimum_is_flagged() -> None:
     starved = few_tokens_flags(calib(4, 128))  # the CPU preset's search set
     assert [f["flag"] for f in starved] == ["few_tokens"]
     assert f"searched on 508 scored tokens (4 sequences), minimum {MIN_SEARCH_TOKENS}" == starved[0]["detail"]
-    assert "method.max_sequences=null" in starved[0]["fix"]
+    assert "method.max_sequences=null" in starved[0]["fix"] and "calib.nsamples=14 " in starved[0]["fix"]
+    rows = few_tokens_flags(_with_style(calib(2, 128), "row_chunks"))
+    assert "calib.nsamples=256 calib.pool=all" in rows[0]["fix"]  # Alpaca: nsamples counts rows
     assert few_tokens_flags(calib(14, 2048)) == []  # BlockPruner's paper calibration
 
 
@@ -124,3 +126,7 @@ def test_every_flag_has_a_mark_and_a_footnote(flag: str) -> None:
     record = {"quality_flags": [quality.raised(quality.FLAGS[flag], "d", "f")]}
     assert quality.mark(record) == f"†{flag}"
     assert f"`†{flag}`: {quality.FLAGS[flag].meaning}" in quality.footnote([record])
+
+
+def _with_style(calib: CalibrationSet, style: str) -> CalibrationSet:
+    return CalibrationSet(calib.input_ids, calib.target_mask, {"style": style})

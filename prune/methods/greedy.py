@@ -55,8 +55,13 @@ RATIO_RULE = "the first step whose removed parameters (of all parameters) reach 
 # ``few_tokens``): 14 x 2048 Alpaca tokens, BlockPruner's paper calibration, put its removal order below
 # ShortGPT's on the embedded model; the CPU preset's 4 x 128 did not (experiments/reference_gpu).
 MIN_SEARCH_TOKENS = 28_000
-FEW_TOKENS_FIX = ("method.max_sequences=null method.max_seqlen=null calib.nsamples=14 (14 x 2048 tokens: "
-                  "BlockPruner's search took 95 s on one H200, ~9 h on a 2-core CPU)")
+FEW_TOKENS_COST = "14 x 2048 tokens: BlockPruner's search took 95 s on one H200, ~9 h on a 2-core CPU"
+# How to reach the minimum: calibration styles that draw rows (Alpaca's row chunks) count rows in nsamples.
+FEW_TOKENS_FIX = {
+    "row_chunks": "method.max_sequences=null method.max_seqlen=null calib.nsamples=256 calib.pool=all (the "
+                  f"paper's 256 Alpaca rows, ~{FEW_TOKENS_COST})",
+    "windows": f"method.max_sequences=null method.max_seqlen=null calib.nsamples=14 ({FEW_TOKENS_COST})",
+}
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,8 @@ def few_tokens_flags(calib: CalibrationSet) -> list[dict[str, str]]:
     if tokens >= MIN_SEARCH_TOKENS:
         return []
     detail = f"searched on {tokens} scored tokens ({len(calib)} sequences), minimum {MIN_SEARCH_TOKENS}"
-    return [raised(FEW_TOKENS, detail, FEW_TOKENS_FIX)]
+    fix = FEW_TOKENS_FIX["row_chunks" if calib.info.get("style") == "row_chunks" else "windows"]
+    return [raised(FEW_TOKENS, detail, fix)]
 
 
 @dataclass
