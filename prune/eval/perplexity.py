@@ -13,7 +13,7 @@ first N windows (a CPU slice); the slice is recorded with the metric and printed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -64,8 +64,8 @@ class PerplexityOptions(Options):
     """The evaluator's knobs, checked where they enter (``eval.ppl.<name>`` in messages)."""
 
     prefix: ClassVar[str] = "eval.ppl"
-    datasets: list[str]
-    conventions: list[str]
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    conventions: list[str] = field(default_factory=lambda: ["seq2048"])
     max_windows: int | None = None
     batch_size: int = bounded(1, ge=1)
     source: Literal["auto", "hub", "bundled"] = "auto"
@@ -96,17 +96,8 @@ class PerplexityEvaluator:
         preset: the name of the CPU preset that set ``max_windows``, recorded with the metric.
     """
 
-    def __init__(
-        self,
-        datasets: list[str] = ("wikitext2",),  # type: ignore[assignment]
-        conventions: list[str] = ("seq2048",),  # type: ignore[assignment]
-        max_windows: int | None = None,
-        batch_size: int = 1,
-        source: str = "auto",
-        preset: str | None = None,
-    ) -> None:
-        options = PerplexityOptions(datasets=datasets, conventions=conventions, max_windows=max_windows,
-                                    batch_size=batch_size, source=source, preset=preset)
+    def __init__(self, **options: Any) -> None:
+        options = PerplexityOptions.parse(options)
         self.datasets, self.conventions = list(options.datasets), list(options.conventions)
         self.max_windows, self.batch_size = options.max_windows, options.batch_size
         self.source, self.preset = options.source, options.preset

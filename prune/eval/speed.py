@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -115,7 +114,7 @@ class SpeedOptions(Options):
     prefill_len: int = bounded(2048, ge=1)
     prefill_batch: int = bounded(1, ge=1)
     prefill_iters: int = bounded(50, ge=1)
-    decode_new_tokens: int = bounded(128, ge=0)  # >= 1 where decode runs (checked by the evaluator)
+    decode_new_tokens: int = bounded(128, ge=0)  # >= 1 where decode runs (`check`)
     decode_iters: int = bounded(20, ge=1)
     decode_prompt_len: int = bounded(64, ge=1)
     decode_batch: int = bounded(1, ge=1)
@@ -132,6 +131,21 @@ class SpeedOptions(Options):
         unknown = [p for p in self.protocols if p not in PAPER_PROTOCOLS]
         if unknown:
             raise PruneError(f"unknown speed protocol(s) {unknown}; choose from {PROTOCOLS}")
+        for name in ("decode", "throughput"):
+            # A protocol with no new tokens would be timed as a prefill pass, not as generation.
+            if name in self.protocols and getattr(self, f"{name}_new_tokens") < 1:
+                raise self.error(f"{name}_new_tokens", "must be >= 1")
+
+    def sizes(self, name: str) -> dict[str, int]:
+        """The sizes of one protocol's record (`Protocol` field names)."""
+        return {
+            "prefill": {"batch": self.prefill_batch, "prompt_len": self.prefill_len,
+                        "iters": self.prefill_iters},
+            "decode": {"batch": self.decode_batch, "prompt_len": self.decode_prompt_len,
+                       "new_tokens": self.decode_new_tokens, "iters": self.decode_iters},
+            "throughput": {"batch": self.throughput_batch, "prompt_len": self.throughput_prompt_len,
+                           "new_tokens": self.throughput_new_tokens, "iters": self.throughput_iters},
+        }[name]
 
 
 class SpeedEvaluator:
@@ -143,41 +157,11 @@ class SpeedEvaluator:
     ``self.protocols`` holds the resulting `Protocol` records.
     """
 
-    def __init__(
-        self,
-        protocols: Sequence[str] = PROTOCOLS,
-        prefill_len: int = 2048,
-        prefill_batch: int = 1,
-        prefill_iters: int = 50,
-        decode_new_tokens: int = 128,
-        decode_iters: int = 20,
-        decode_prompt_len: int = 64,
-        decode_batch: int = 1,
-        throughput_prompt_len: int = 64,
-        throughput_new_tokens: int = 128,
-        throughput_batch: int = 64,
-        throughput_iters: int = 10,
-        warmup: int = 2,
-        subprocess: bool = False,
-        preset: str | None = None,
-        seed: int = 0,
-    ) -> None:
-        arguments = {name: value for name, value in locals().items() if name != "self"}  # only these so far
-        SpeedOptions(**arguments)  # types, ranges and protocol names, named eval.speed.<argument>
-        sizes = {
-            "prefill": {"batch": prefill_batch, "prompt_len": prefill_len, "iters": prefill_iters},
-            "decode": {"batch": decode_batch, "prompt_len": decode_prompt_len,
-                       "new_tokens": decode_new_tokens, "iters": decode_iters},
-            "throughput": {"batch": throughput_batch, "prompt_len": throughput_prompt_len,
-                           "new_tokens": throughput_new_tokens, "iters": throughput_iters},
-        }
-        for name in ("decode", "throughput"):
-            # A protocol with no new tokens would be timed as a prefill pass, not as generation.
-            if name in protocols and sizes[name]["new_tokens"] < 1:
-                raise PruneError(f"eval.speed.{name}_new_tokens={sizes[name]['new_tokens']} must be >= 1")
+    def __init__(self, **options: Any) -> None:
+        o = SpeedOptions.parse(options)  # types, ranges and protocol names, named eval.speed.<argument>
         self.protocols: tuple[Protocol, ...] = tuple(
-            dataclasses.replace(PAPER_PROTOCOLS[name], **sizes[name]) for name in protocols)
-        self.warmup, self.subprocess, self.preset, self.seed = warmup, subprocess, preset, seed
+            dataclasses.replace(PAPER_PROTOCOLS[name], **o.sizes(name)) for name in o.protocols)
+        self.warmup, self.subprocess, self.preset, self.seed = o.warmup, o.subprocess, o.preset, o.seed
         # Filled by __call__: where and how the last measurement ran (for describe()).
         self._env: dict[str, Any] = {}
 

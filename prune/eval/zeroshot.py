@@ -29,7 +29,7 @@ import math
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -191,7 +191,7 @@ class ZeroShotOptions(Options):
     """The evaluator's knobs, checked where they enter (``eval.zeroshot.<name>`` in messages)."""
 
     prefix: ClassVar[str] = "eval.zeroshot"
-    tasks: list[str]
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     source: str = "auto"
     limit: int | float | None = bounded(None, gt=0)  # lm-eval: an int is items per task, a float < 1 a share
     batch_size: int = bounded(8, ge=1)
@@ -224,17 +224,8 @@ class ZeroShotEvaluator:
         preset: name of the preset (e.g. a CPU slice) that set these values, recorded with the results.
     """
 
-    def __init__(
-        self,
-        tasks: Sequence[str] = DEFAULT_TASKS,
-        source: str = "auto",
-        limit: int | float | None = None,
-        batch_size: int = 8,
-        num_fewshot: int = 0,
-        preset: str | None = None,
-    ) -> None:
-        options = ZeroShotOptions(tasks=tasks, source=source, limit=limit, batch_size=batch_size,
-                                  num_fewshot=num_fewshot, preset=preset)
+    def __init__(self, **options: Any) -> None:
+        options = ZeroShotOptions.parse(options)
         self.tasks = list(options.tasks)
         self.source = options.source
         self.limit, self.batch_size = options.limit, options.batch_size
