@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from prune.errors import PruneError
+from prune.errors import PruneError, first_line
 from prune.sweep import clear_failure, record_failure
 
 BAD_INPUT_EXIT = 2
@@ -70,7 +70,7 @@ def user_error_of(err: BaseException) -> PruneError | None:
         if isinstance(err, PruneError):
             return err
         if isinstance(err, (InterpolationResolutionError, MissingMandatoryValue)):
-            return PruneError(f"the configuration does not resolve: {_first_line(err)}; fix that key or "
+            return PruneError(f"the configuration does not resolve: {first_line(err)}; fix that key or "
                               "its override")
         err = err.__cause__ or err.__context__
     return None
@@ -86,10 +86,6 @@ def hydra_error_line(err: BaseException) -> str | None:
         return (f"error: cannot write the output folder {where} ({err.strerror or err}); pass a writable "
                 "hydra.run.dir (or hydra.sweep.dir with -m), or paths.outputs_root=<writable dir>")
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _print_hydra_message(err: BaseException) -> None:

@@ -74,10 +74,6 @@ def check_same_cell(record: dict[str, Any], config: dict[str, Any], path: Path) 
                      "with -m)")
 
 
-def config_hash(node: Any) -> str:
-    return digest(node, length=16)
-
-
 # Bumped whenever the evaluators add or change metric keys, so that a cached dense evaluation never lacks a
 # key that the pruned cells have (2: zero-shot standard errors and item counts).
 DENSE_METRICS_VERSION = 2
@@ -86,7 +82,7 @@ DENSE_METRICS_VERSION = 2
 def dense_cache_path(model_key: str, eval_config: Any) -> Path:
     """Where the dense model's metrics under one evaluation config are cached (computed once per model)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
-    key = config_hash({"eval": eval_config, "metrics_version": DENSE_METRICS_VERSION})
+    key = digest({"eval": eval_config, "metrics_version": DENSE_METRICS_VERSION}, length=16)
     return cache_dir() / "dense" / f"{safe}-{key}.json"
 
 

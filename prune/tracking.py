@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from prune.errors import PruneError
+from prune.errors import PruneError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class GuardedLogger:
             getattr(self._inner, method)(*args)
         except Exception as err:  # any logger error: the cell's own outcome stands
             log.warning("experiment logger failed in %s (%s); it logs nothing more, results.json is the "
-                        "record", method, first_line(err))
+                        "record", method, error_summary(err))
             self._inner = None
 
 
@@ -98,14 +98,13 @@ def guarded(start: Callable[[], Logger]) -> Logger:
         return GuardedLogger(start())
     except Exception as err:  # wandb raises its own error types, and others
         log.warning("experiment logger could not start (%s); this cell logs nothing, results.json is the "
-                    "record", first_line(err))
+                    "record", error_summary(err))
         return NullLogger()
 
 
-def first_line(err: BaseException) -> str:
+def error_summary(err: BaseException) -> str:
     """``Type: first line of the message``: wandb's errors run over several lines."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return f"{type(err).__name__}: {first_line(err)}" if str(err).strip() else type(err).__name__
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -185,7 +184,7 @@ class WandbLogger:
             if self.mode != "online":
                 raise
             log.warning("W&B could not start online (%s); logging offline to %s/wandb instead (upload it "
-                        "later with `wandb sync`)", first_line(err), init_args["dir"])
+                        "later with `wandb sync`)", error_summary(err), init_args["dir"])
             self.mode = "offline"
             return self._wandb.init(mode="offline", **init_args)
 

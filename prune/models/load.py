@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel
 
 from prune.data.sources import hub_reachable
-from prune.errors import PruneError
+from prune.errors import PruneError, first_line
 from prune.paths import bundled, cache_dir
 from prune.store import atomic_target, digest
 
@@ -139,7 +139,7 @@ def _load_random(cfg: DictConfig) -> LoadedModel:
         config = AutoConfig.for_model(model_type, **kwargs)
     except ValueError as err:  # an unknown model_type
         raise PruneError(f"model.random_config.model_type={model_type} is not an HF model type "
-                         f"({_first_line(err)})") from err
+                         f"({first_line(err, 200)})") from err
     torch.manual_seed(cfg.get("random_seed", 0))
     model = AutoModelForCausalLM.from_config(config)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -158,12 +158,8 @@ def load_tokenizer(spec: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as err:  # no such path / Hub id, or files that are not a tokenizer
-        raise PruneError(f"could not load the tokenizer '{spec}' ({_first_line(err)}); pass model.tokenizer="
-                         "<a tokenizer directory or Hub id> or bundled:gpt2") from err
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise PruneError(f"could not load the tokenizer '{spec}' ({first_line(err, 200)}); pass "
+                         "model.tokenizer=<a tokenizer directory or Hub id> or bundled:gpt2") from err
 
 
 def _from_pretrained(source: str, cfg: DictConfig, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
@@ -182,10 +178,11 @@ def _load_directory(path: Path, cfg: DictConfig, dtype: torch.dtype) -> LoadedMo
     try:
         model = _from_pretrained(str(path), cfg, dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or foreign weight files
-        raise PruneError(f"model.path={path} could not be loaded ({type(err).__name__}: {_first_line(err)}); "
+        raise PruneError(f"model.path={path} could not be loaded "
+                         f"({type(err).__name__}: {first_line(err, 200)}); "
                          "re-copy or re-save the model directory") from err
     tokenizer = load_tokenizer(cfg.get("tokenizer") or str(path))
-    config_hash = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:12]
+    config_hash = sha256_file(path / "config.json")[:12]
     provenance = {"source": f"path:{path.resolve()}", "key": f"path-{path.name}-{config_hash}"}
     return LoadedModel(model, tokenizer, provenance)
 
@@ -238,7 +235,8 @@ def _load_gguf(path: Path, sha256: str | None, cfg: DictConfig, dtype: torch.dty
             _convert_gguf(path, converted)
         except (OSError, ValueError) as err:  # not a GGUF file, or an architecture transformers cannot read
             raise PruneError(f"model.gguf_file={path} could not be read as a GGUF model "
-                             f"({_first_line(err)}); pass a GGUF file of a supported architecture") from err
+                             f"({first_line(err, 200)}); pass a GGUF file of a supported architecture"
+                             ) from err
     model = _from_pretrained(str(converted), cfg, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(converted))
     provenance = {
