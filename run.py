@@ -33,8 +33,7 @@ def run_cell(cfg: DictConfig) -> float | None:
 
     Needs Hydra's runtime config (``HydraConfig``) for the cell's folder and the run mode."""
     global _cell_started
-    from prune.runner import run  # late imports keep `--help` fast
-    from prune.validate import check_config
+    from prune.runner import run  # late import keeps `--help` fast
 
     _cell_started = True
     hydra_cfg = HydraConfig.get()
@@ -42,7 +41,6 @@ def run_cell(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     clear_failure(run_dir)
     try:
-        check_config(cfg)
         return run(cfg)
     except Exception as err:
         user_error = user_error_of(err)

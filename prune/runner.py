@@ -28,21 +28,15 @@ from transformers import set_seed
 
 from prune import plots, provenance, results, tracking
 from prune.data.calibration import build_calibration
-from prune.errors import PruneError
 from prune.eval.memory import PeakMemory
 from prune.eval.params import count_params, removed_fraction
 from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.load import LoadedModel, load_model_and_tokenizer
 from prune.store import atomic_target, directory_lock
-from prune.validate import check_loaded_model
+from prune.validate import check_config, check_loaded_model
 
 log = logging.getLogger(__name__)
-
-# Where a cell's dense speed figures come from: measured once per model and eval config and cached
-# (cheap, but on a shared machine the baseline drifts between cells hours apart), or measured again in the
-# cell itself, right before pruning, on the same machine state as the pruned model measured minutes later.
-DENSE_SPEED = ("cached", "per_cell")
 
 # How long a second process on a busy cell waits for the first before refusing: long enough for a preempted
 # job's dying process to let go, far shorter than a cell. PRUNE_CELL_LOCK_WAIT_S in the environment wins.
@@ -51,7 +45,8 @@ LOCK_WAIT_S = 30.0
 
 def run(cfg: DictConfig) -> float | None:
     """Prune and evaluate one cell, holding its directory's lock; returns the headline metric (WikiText-2
-    PPL) for sweepers."""
+    PPL) for sweepers. Bad values fail first (`prune.validate.check_config`), before the lock and the skip."""
+    check_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with _cell_lock(run_dir):
         return _run_cell(cfg, run_dir)
@@ -77,10 +72,6 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         if not cfg.save or (run_dir / "model").is_dir():
             print(f"skip: {done} exists (force=true to redo)")
             return finished["metrics"].get("ppl/wikitext2")
-    if cfg.dense_speed not in DENSE_SPEED:
-        raise PruneError(f"dense_speed={cfg.dense_speed} is unknown; pass one of {', '.join(DENSE_SPEED)}")
-    if not 0.0 <= cfg.ratio < 1.0:
-        raise PruneError(f"ratio={cfg.ratio} is outside [0, 1); pass e.g. ratio=0.25")
     method = instantiate(cfg.method)
     choices = dict(HydraConfig.get().runtime.choices)
     logger = _make_logger(cfg, choices, run_dir)

@@ -7,8 +7,8 @@ constructor sees: the top-level keys (``ratio``, ``seed``, ...), ``calib.*`` (re
 constructor without ``**options`` would reject with a bare TypeError, and, once the model is loaded, the
 values that depend on it (``calib.seqlen`` against the model's positions).
 
-`check_config` runs in ``run.py`` before `prune.runner.run`; `check_loaded_model` runs in the runner right
-after the model loads.
+`check_config` runs first in `prune.runner.run`, so every caller of the runner gets it;
+`check_loaded_model` runs in the runner right after the model loads.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class RunOptions(Options):
     force: bool = False
     save: bool = False
     dense_reference: bool = True
+    # Where a cell's dense speed figures come from: measured once per model and eval config and cached
+    # (cheap, but on a shared machine the baseline drifts between cells hours apart), or measured again in the
+    # cell itself, right before pruning, on the same machine state as the pruned model measured minutes later.
     dense_speed: Literal["cached", "per_cell"] = "cached"
     deterministic: bool = False
 
