@@ -247,6 +247,23 @@ def test_stderr_is_the_one_lm_eval_reports(tiny_model, tokenizer, task_manager):
     assert ours["zs/mean_stderr"] == ours["zs/arc_easy/acc_norm_stderr"]  # one task: its own error
 
 
+def test_accuracy_does_not_depend_on_the_batch_size(tiny_model, tokenizer):
+    """Batching only groups requests (lm-eval pads and sorts them); every item's score, hence every accuracy,
+    is the same at every batch size, so ``batch_size=auto`` cannot change a table."""
+    results = {batch: ZeroShotEvaluator(tasks=["piqa", "arc_easy"], source="bundled", limit=LIMIT,
+                                        batch_size=batch)(tiny_model, tokenizer)
+               for batch in (1, 3, 8, "auto")}
+    accuracies = [{k: v for k, v in m.items() if k.endswith(("acc", "acc_norm"))} for m in results.values()]
+    assert all(a == accuracies[0] for a in accuracies[1:])
+
+
+def test_auto_batch_size_is_the_cpu_default_on_a_cpu(tiny_model):
+    assert ZeroShotEvaluator().batch_size_for(tiny_model) == zeroshot.CPU_BATCH_SIZE
+    assert ZeroShotEvaluator(batch_size=5).batch_size_for(tiny_model) == 5
+    with pytest.raises(PruneError, match="eval.zeroshot.batch_size=0 must be >= 1 or auto"):
+        ZeroShotEvaluator(batch_size=0)
+
+
 def test_stderr_of_the_mean():
     flat = {"zs/boolq/acc": 0.5, "zs/boolq/acc_stderr": 0.03, "zs/piqa/acc_norm": 0.7,
             "zs/piqa/acc_norm_stderr": 0.04}

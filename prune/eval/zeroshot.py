@@ -31,7 +31,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,10 @@ log = logging.getLogger("prune.eval.zeroshot")
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
 SOURCES = ("hub", "bundled", "auto")
+# lm-eval batch size of ``batch_size=auto`` on a CPU, where lm-eval's own search (made for GPU memory) settles
+# on its 64-item ceiling. Chosen with `prune.bench.zeroshot` (embedded model, PIQA; docs/benchmarks.md).
+# Accuracy does not depend on the batch size (tests/test_zeroshot.py).
+CPU_BATCH_SIZE = 32
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
@@ -176,7 +180,7 @@ class _DropCustomDatasetHint(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_custom_dataset_hint() -> Iterator[None]:
+def quiet_custom_dataset_hint() -> Iterator[None]:
     """Install :class:`_DropCustomDatasetHint` on lm-eval's task logger for the duration of a call."""
     task_logger, hint_filter = logging.getLogger("lm_eval.api.task"), _DropCustomDatasetHint()
     task_logger.addFilter(hint_filter)
@@ -194,7 +198,7 @@ class ZeroShotOptions(Options):
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     source: str = "auto"
     limit: int | float | None = bounded(None, gt=0)  # lm-eval: an int is items per task, a float < 1 a share
-    batch_size: int = bounded(8, ge=1)
+    batch_size: int | Literal["auto"] = "auto"
     num_fewshot: int = bounded(0, ge=0)
     preset: str | None = None
 
@@ -206,6 +210,8 @@ class ZeroShotOptions(Options):
             raise PruneError(f"unknown zero-shot task(s) {unknown}; known: {', '.join(TASKS)}")
         if self.source not in SOURCES:
             raise PruneError(f"unknown zero-shot source '{self.source}'; use one of {', '.join(SOURCES)}")
+        if isinstance(self.batch_size, int) and self.batch_size < 1:
+            raise self.error("batch_size", "must be >= 1 or auto")
         if isinstance(self.limit, float) and self.limit > 1:
             raise self.error("limit", "must be an item count (an int) or a share of the items in (0, 1]")
 
@@ -219,7 +225,9 @@ class ZeroShotEvaluator:
         source: ``hub`` (lm-eval's stock tasks), ``bundled`` (the same tasks over the shipped files) or
             ``auto`` (hub when reachable, else bundled).
         limit: first N items per task (int), or a fraction of each task (float < 1); ``None`` = all.
-        batch_size: lm-eval batch size (fixed, not ``auto``, so runs are comparable).
+        batch_size: lm-eval batch size: an int, or ``auto`` (the default): lm-eval's search for the largest
+            batch that fits on a GPU, `CPU_BATCH_SIZE` on a CPU. Accuracy does not depend on it; the size
+            used is logged.
         num_fewshot: few-shot examples per prompt; the seed papers use 0.
         preset: name of the preset (e.g. a CPU slice) that set these values, recorded with the results.
     """
@@ -279,8 +287,8 @@ class ZeroShotEvaluator:
         names = {t: TASKS[t].lm_eval_name(self.resolved_source) for t in self.tasks}
         was_training = model.training
         try:
-            with _preserved_rng_state(), _quiet_custom_dataset_hint():
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            with _preserved_rng_state(), quiet_custom_dataset_hint():
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size_for(model))
                 out = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=list(dict.fromkeys(names.values())),
@@ -296,6 +304,17 @@ class ZeroShotEvaluator:
         return self._flatten(out["results"], names, counts)
 
     # ------------------------------------------------------------------ helpers
+
+    def batch_size_for(self, model: Any) -> int | str:
+        """The batch size handed to lm-eval: the configured int, else ``auto`` on a GPU (lm-eval searches
+        for the largest that fits) and `CPU_BATCH_SIZE` elsewhere."""
+        if self.batch_size != "auto":
+            return self.batch_size
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        size = "auto" if on_gpu else CPU_BATCH_SIZE
+        why = "lm-eval's search on the GPU" if on_gpu else "the CPU default"
+        log.info("zero-shot batch size: %s (%s)", size, why)
+        return size
 
     def _manager(self) -> Any:
         """One TaskManager per evaluator. The bundled one indexes only our YAMLs: indexing lm-eval's own
