@@ -209,3 +209,18 @@ def test_random_ids_helper_still_drives_the_pruned_model(tiny) -> None:
     surgery.apply(adapter, plan)
     with torch.inference_mode():
         assert torch.isfinite(model(random_ids(100)).logits).all()
+
+
+def test_sparsegpt_true_sequential_groups_every_linear(tiny) -> None:
+    """The code's --true-sequential: q/k/v, o, MLP inputs, MLP output pruned one group after another; every
+    linear of the layer is in exactly one group, and the pattern still holds."""
+    from prune.methods.sparse_common import sequential_groups
+    from prune.methods.sparsegpt import SparseGPT
+
+    adapter = adapter_for(copy.deepcopy(tiny.model))
+    groups = sequential_groups(adapter, adapter.layer(0))
+    names = [n for g in groups for n in g]
+    assert sorted(names) == sorted(layer_linears(adapter.layer(0))) and len(groups) >= 4
+    plan = SparseGPT(pattern="2:4", true_sequential=True).prune(adapter, _calib(tiny.tokenizer), 0.5)
+    surgery.apply(adapter, plan)
+    assert sparsity(adapter)["sparsity/linear"] == pytest.approx(0.5, abs=1e-9)
