@@ -121,6 +121,10 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         f"{100 * m['params/removed_frac']:.2f}% removed, "
         f"{100 * m['params/removed_frac_non_embedding']:.2f}% of non-embedding"
     )
+    if m.get("sparsity/linear", 0) > 0.001:  # zeros, a unit of their own: never counted as removed
+        lines.append(f"sparsity {100 * m['sparsity/linear']:.2f}% of the decoder linears' weights zeroed; "
+                     f"{m['params/nonzero'] / 1e6:.2f} M non-zero parameters "
+                     f"({100 * m['params/nonzero_frac']:.2f}%)")
     described = results.get("metric_config", {}).get("ppl", {}).get("metrics", {})
     for key, spec in described.items():
         preset = f", preset {spec['preset']}" if spec.get("preset") else ""

@@ -29,7 +29,7 @@ from transformers import set_seed
 from prune import plots, provenance, results, tracking
 from prune.data.calibration import build_calibration
 from prune.eval.memory import PeakMemory
-from prune.eval.params import count_params, removed_fraction
+from prune.eval.params import count_params, removed_fraction, sparsity
 from prune.models import surgery
 from prune.models.adapter import adapter_for
 from prune.models.load import LoadedModel, load_model_and_tokenizer
@@ -93,6 +93,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
             prune_s = time.perf_counter() - t0
         metrics: dict[str, Any] = count_params(adapter)
         metrics |= removed_fraction(dense_metrics, metrics)
+        metrics |= sparsity(adapter)  # zeros (a unit apart): sparse methods remove nothing
         metrics |= {"layers/total": adapter.num_layers(), "layers/removed": len(plan.drop_layers),
                     "time/prune_s": prune_s, "mem/prune_peak_gb": peak.peak_gb}
         if plan.is_empty():  # the dense model: reuse its cached evaluation instead of repeating it
@@ -103,6 +104,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         metrics |= results.derived_metrics(dense_metrics, metrics, prune_s)
         if cfg.save:
             _save_model(loaded, run_dir / "model")
+            _save_compressed(adapter, plan, run_dir)
         plan_json = plan.save(run_dir)  # prune_plan.json, and prune_plan.safetensors if it has tensors
         record = {
             "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
@@ -197,6 +199,16 @@ def _save_model(loaded: LoadedModel, target: Path) -> None:
     with atomic_target(target) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
+
+
+def _save_compressed(adapter: Any, plan: Any, run_dir: Path) -> None:
+    """An N:M-sparse plan also gets ``model_compressed/``, the compressed-tensors checkpoint vLLM serves
+    (`prune.models.sparse_export`); the dense ``model/`` is the one that loads anywhere."""
+    from prune.models.sparse_export import n_m_structure, save_compressed
+
+    if n_m_structure(plan) is not None:
+        with atomic_target(run_dir / "model_compressed") as tmp:
+            save_compressed(adapter, plan, run_dir / "model", tmp)
 
 
 def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path, plot_files: list[Path]) -> None:

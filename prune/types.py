@@ -16,9 +16,10 @@ from prune.store import write_atomic
 PLAN_FILE = "prune_plan.json"
 TENSOR_FILE = "prune_plan.safetensors"
 
-# Kinds that zero weights but remove no parameter. A plan with one records info["zeroed_only"]: whether these
-# are all it does, so that a reader of params/removed (deleted parameters only) knows why it reads 0.
-ZEROING_KINDS = frozenset({"weight_masks"})
+# Kinds that zero (or rewrite) weights but remove no parameter. A plan with one records info["zeroed_only"]:
+# whether these are all it does, so that a reader of params/removed (deleted parameters only) knows why it
+# reads 0.
+ZEROING_KINDS = frozenset({"weight_masks", "weight_updates"})
 
 
 @dataclass(eq=False)
@@ -48,13 +49,13 @@ class PrunePlan:
 
             - ``weight_masks`` (Wanda, SparseGPT; N:M patterns are masks too): a boolean tensor of the target
               parameter's shape, True where the element is zeroed (the papers' convention). Implemented.
+            - ``weight_updates`` (SparseGPT's reconstructed weights; LoRA-merged weights): the new value of
+              the target parameter, same shape, applied before the masks. Implemented; removes no parameter.
 
             Intended, not implemented yet (surgery refuses them until it registers an edit):
 
             - ``rotations`` (SliceGPT): an orthogonal matrix per layer, target ``layers.<i>``, applied before
               the hidden dimensions it sheds are deleted.
-            - ``weight_updates`` (SparseGPT's reconstructed weights, LoRA-merged weights): the new value of
-              the target parameter.
             - ``added_biases`` (LLM-Pruner, FLAP bias compensation): a vector added to the target module's
               output bias, next to the ``keep_dims`` index sets it compensates for.
     """

@@ -14,7 +14,7 @@ from prune.methods import PruningMethod
 from tests.conftest import CONF, compose_config
 
 # modules of prune/methods that are not methods
-HELPERS = {"layer_common", "block_search", "block_scorers", "greedy", "training"}
+HELPERS = {"layer_common", "block_search", "block_scorers", "greedy", "training", "sparse_common"}
 METHOD_YAMLS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 MODEL_YAMLS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("_"))
 

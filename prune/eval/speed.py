@@ -55,6 +55,7 @@ import torch
 
 from prune.errors import PruneError
 from prune.eval.memory import MAX_RSS_INCREASE, PeakMemory
+from prune.eval.semi_structured import semi_structured
 from prune.eval.speed_child import measure_in_subprocess
 from prune.eval.speed_protocols import (
     PAPER_PROTOCOLS,
@@ -126,6 +127,7 @@ class SpeedOptions(Options):
     subprocess: bool = False
     preset: str | None = None
     seed: int = bounded(0, ge=0)
+    sparse_kernels: bool = True  # a 2:4-sparse model on an Ampere+ GPU: time its linears on the 2:4 kernels
 
     def check(self) -> None:
         unknown = [p for p in self.protocols if p not in PAPER_PROTOCOLS]
@@ -162,6 +164,7 @@ class SpeedEvaluator:
         self.protocols: tuple[Protocol, ...] = tuple(
             dataclasses.replace(PAPER_PROTOCOLS[name], **o.sizes(name)) for name in o.protocols)
         self.warmup, self.subprocess, self.preset, self.seed = o.warmup, o.subprocess, o.preset, o.seed
+        self.sparse_kernels = o.sparse_kernels
         # Filled by __call__: where and how the last measurement ran (for describe()).
         self._env: dict[str, Any] = {}
 
@@ -190,11 +193,27 @@ class SpeedEvaluator:
             "dtype": env.get("dtype"),
             "num_threads": env.get("num_threads", torch.get_num_threads()),
             "peak_mem": env.get("peak_mem"),
+            "sparse_kernels": env.get("sparse_kernels"),
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
         }
 
     def __call__(self, model: Any, tokenizer: Any = None) -> dict[str, float]:
         run = measure_in_subprocess if self.subprocess else measure
-        metrics, self._env = run(model, self.protocols, warmup=self.warmup, seed=self.seed)
+        # A 2:4-sparse model on an Ampere+ GPU runs its decoder linears on the 2:4 kernels (in this process
+        # only: the subprocess reloads dense weights); elsewhere the zeros are timed densely, as they run.
+        with semi_structured(_decoder_layers(model), enabled=self.sparse_kernels and not self.subprocess) \
+                as converted:
+            metrics, self._env = run(model, self.protocols, warmup=self.warmup, seed=self.seed)
+        self._env["sparse_kernels"] = converted  # decoder linears timed on 2:4 kernels (0: none)
         return metrics
+
+
+def _decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The decoder layers of a supported model; an empty list for anything else (nothing to convert)."""
+    from prune.models.adapter import adapter_for
+
+    try:
+        return adapter_for(model).layers()
+    except (PruneError, AttributeError):
+        return torch.nn.ModuleList()

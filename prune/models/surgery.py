@@ -55,7 +55,7 @@ def drop_layers(adapter: ModelAdapter, indices: Iterable[int]) -> None:
 # The order edits run in. Every edit names layers and parameters of the *dense* model: element edits run
 # first, while every tensor has its dense shape; width and sub-block edits keep the layer list; layer drops
 # renumber it, so they run last.
-ORDER = ("weight_masks", "keep_dims", "drop_sub_blocks", "drop_layers")
+ORDER = ("weight_updates", "weight_masks", "keep_dims", "drop_sub_blocks", "drop_layers")
 # Kinds one plan cannot combine: widths assume a stock model, sub-block removal makes another type.
 INCOMPATIBLE = (("keep_dims", "drop_sub_blocks",
                  "a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)"),)
@@ -104,6 +104,22 @@ def zero_masked_weights(adapter: ModelAdapter, plan: PrunePlan) -> None:
                              f"needs a torch.bool mask of shape {tuple(weight.shape)}")
         with torch.no_grad():
             weight.masked_fill_(mask.to(weight.device), 0)
+
+
+@edit("weight_updates")
+def copy_updated_weights(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    """Copy each tensor into its named parameter, in place (SparseGPT's reconstructed weights); shapes stay,
+    so parameter counts do too (the plan records ``info["zeroed_only"]``)."""
+    for name, value in plan.tensors_of("weight_updates").items():
+        try:
+            weight = adapter.model.get_parameter(name)
+        except AttributeError as e:
+            raise PruneError(f"the plan updates {name}, which the model does not have") from e
+        if value.shape != weight.shape or not value.is_floating_point():
+            raise PruneError(f"the plan's update of {name} is {value.dtype} {tuple(value.shape)}; the weight "
+                             f"needs a floating tensor of shape {tuple(weight.shape)}")
+        with torch.no_grad():
+            weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
 
 
 @edit("keep_dims")

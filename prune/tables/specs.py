@@ -56,6 +56,16 @@ TABLES: dict[str, TableSpec] = {
               ("speed/throughput_speedup", "throughput speed-up"),
               ("speed/prefill_speedup", "latency speed-up"), ("speed/ideal_speedup", "ideal speed-up"),
               ("time/prune_s", "pruning time (s)"))),
+    # Two units side by side, never mixed: zeros among the decoder linears (sparse methods) and parameters
+    # removed (structural methods, 0 for sparse ones); the speed-ups are measured, the ideal one counts
+    # parameters (1.0 for a sparse model).
+    "sparse_vs_structured": TableSpec(
+        "Sparse vs structured at 50% (WikiText-2 PPL both conventions, zero-shot %, sparsity, speed, cost)",
+        (REMOVED, Column("zeroed % (linears)", "sparsity/linear", 100),
+         Column("nonzero % (all)", "params/nonzero_frac", 100), PPL, PPL4096,
+         Column("ZS avg", "zs/mean", 100), AVG_MARGIN, Column("latency x", "speed/prefill_speedup"),
+         Column("throughput x", "speed/throughput_speedup"), Column("ideal x", "speed/ideal_speedup"),
+         Column("prune s", "time/prune_s", digits=1))),
     "blockpruner_table2": TableSpec("BlockPruner Table 2: ablation (full, - search, - block)",
                                     (REMOVED, PPL, AVG, AVG_MARGIN,
                                      Column("layers removed", "layers/removed", digits=0))),
