@@ -127,7 +127,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         results.write_json_atomic(done, record)
         plot_files = plots.write_plots(Path(cfg.paths.outputs_root) / cfg.experiment_name)
         _log_run(logger, record, run_dir, plot_files)
-        print("\n".join(results.summary_lines(record)) + f"\nresults: {done}")
+        print("\n".join(results.summary_lines(record) + _rft_lines(record)) + f"\nresults: {done}")
         exit_code = 0
         return metrics.get("ppl/wikitext2")
     finally:
@@ -159,6 +159,18 @@ def _recover(cfg: DictConfig, options: rft.RftOptions, loaded: LoadedModel, adap
     if options.eval_before:
         pre["time/rft_eval_before_s"] = eval_before_s
     return rft.RftResult(pre | result.metrics, result.info)
+
+
+def _rft_lines(record: dict[str, Any]) -> list[str]:
+    """The RFT stage in the summary: the recipe, perplexity before and after, and what it cost."""
+    info, m = record.get("rft"), record["metrics"]
+    if not info:
+        return []
+    before, after = m.get("pre_rft/ppl/wikitext2"), m.get("ppl/wikitext2")
+    ppl = f"ppl/wikitext2 {before:.4g} -> {after:.4g}, " if before is not None and after is not None else ""
+    preset = f" [preset {info['preset']}]" if info.get("preset") else ""
+    return [f"rft {info['recipe']}{preset}: {ppl}{info['steps']} steps, {info['tokens']} tokens, "
+            f"{m['time/rft_s']:.1f} s, peak {m['mem/rft_peak_gb']:.2f} GB"]
 
 
 def set_determinism(on: bool) -> None:
