@@ -113,9 +113,11 @@ def test_token_budget_sets_the_steps() -> None:
     assert rft.planned_steps(_options(steps=5, tokens=10**6), windows=9, seqlen=32) == 5
 
 
-def test_resumed_run_ends_in_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_resumed_run_ends_in_the_same_weights(kind: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     tok = load_tiny("llama").tokenizer
-    o = _options(steps=4, checkpoint_every=2)
+    o = _options(kind=kind, steps=4, checkpoint_every=2, lr=1e-3)
     whole = _pruned("llama", "layers")
     rft.recover(adapter_for(whole), tok, o, checkpoint_dir=tmp_path / "a", identity={"cell": 1})
 
