@@ -246,12 +246,16 @@ def _save_model(loaded: LoadedModel, target: Path) -> None:
 
 def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path, plot_files: list[Path]) -> None:
     """The cell's metrics, plan and the sweep's figures. ``cell/method`` (the method with the cell's
-    ``method.*`` overrides: ``blockpruner[search=false]``), ``cell/ratio`` and ``cell/achieved_ratio``
-    (parameters removed, a fraction) go into the summary and the run config too, so that a W&B panel can
-    plot any metric against the achieved ratio, grouped by method (README, "W&B dashboard")."""
+    ``method.*`` overrides and RFT recipe: ``blockpruner[search=false]``, ``shortgpt[rft=lora]``),
+    ``cell/ratio`` and ``cell/achieved_ratio`` (parameters removed, a fraction) go into the summary and the
+    run config too, so that a W&B panel can plot any metric against the achieved ratio, grouped by method
+    (README, "W&B dashboard")."""
     flat = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
     flat |= {f"dense/{k}": v for k, v in record["dense_metrics"].items() if isinstance(v, (int, float))}
     variant = tracking.method_overrides()
+    recipe = record.get("choices", {}).get("rft")
+    if recipe not in (None, "none"):  # as the tables label it: shortgpt[rft=lora_trsp]
+        variant = [*variant, f"rft={recipe}"]
     method = record["plan"]["method"] + (f"[{','.join(variant)}]" if variant else "")
     cell = {"cell/method": method, "cell/ratio": record["config"]["ratio"],
             "cell/achieved_ratio": record["metrics"].get("params/removed_frac")}
