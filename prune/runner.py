@@ -1,4 +1,9 @@
-"""The run recipe, top to bottom: load -> calibrate -> plan -> surgery -> evaluate -> record.
+"""The run recipe, top to bottom: load -> calibrate -> plan -> surgery -> [RFT] -> evaluate -> record.
+
+RFT (recovery fine-tuning, ``rft=lora|lora_llm_pruner|lora_trsp|full``, `prune.rft`) trains the pruned
+model after surgery; its metrics are today's keys, the model before RFT is evaluated too (``pre_rft/<key>``,
+``rft.eval_before``) and its cost is recorded (``time/rft_s``, ``mem/rft_peak_gb``, ``rft/tokens``, GPU-hours
+on GPU). ``rft=none`` (the default) changes nothing.
 
 `run` is what ``run.py`` calls for every Hydra cell. ``results.json`` in the cell's directory is written
 last and atomically; a cell whose ``results.json`` exists is skipped unless ``force=true``, and only if it
@@ -26,14 +31,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from prune import plots, provenance, results, tracking
+from prune import plots, provenance, results, rft, tracking
 from prune.data.calibration import build_calibration
 from prune.eval.memory import PeakMemory
 from prune.eval.params import count_params, removed_fraction, sparsity
 from prune.models import surgery
-from prune.models.adapter import adapter_for
+from prune.models.adapter import ModelAdapter, adapter_for
 from prune.models.load import LoadedModel, load_model_and_tokenizer
-from prune.store import atomic_target, directory_lock
+from prune.store import atomic_target, digest, directory_lock
+from prune.types import PrunePlan
 from prune.validate import check_config, check_loaded_model
 
 log = logging.getLogger(__name__)
@@ -96,12 +102,15 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         metrics |= sparsity(adapter)  # zeros (a unit apart): sparse methods remove nothing
         metrics |= {"layers/total": adapter.num_layers(), "layers/removed": len(plan.drop_layers),
                     "time/prune_s": prune_s, "mem/prune_peak_gb": peak.peak_gb}
-        if plan.is_empty():  # the dense model: reuse its cached evaluation instead of repeating it
+        rft_options = rft.parse_options(cfg.get("rft"))
+        recovered = _recover(cfg, rft_options, loaded, adapter, evaluators, plan, run_dir)
+        if plan.is_empty() and rft_options.kind == "none":  # the dense model: reuse its cached evaluation
             metrics |= {k: v for k, v in dense_metrics.items() if not k.startswith("params/")}
         else:
             for evaluator in evaluators.values():
                 metrics |= evaluator(loaded.model, loaded.tokenizer)
         metrics |= results.derived_metrics(dense_metrics, metrics, prune_s)
+        metrics |= recovered.metrics
         if cfg.save:
             _save_model(loaded, run_dir / "model")
             _save_compressed(adapter, plan, run_dir)
@@ -110,6 +119,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
             "status": "complete", "wall_s": time.perf_counter() - started, "metrics": metrics,
             "dense_metrics": dense_metrics, "plan": plan_json,
             "quality_flags": plan.info.get("quality_flags", []),
+            **({"rft": recovered.info} if recovered.info else {}),
             "metric_config": {k: e.describe() for k, e in evaluators.items()}
             | {"mem": peak.kind, "dense_speed": cfg.dense_speed},
             "config": config, "config_digest": results.config_digest(config), "choices": choices,
@@ -119,7 +129,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         results.write_json_atomic(done, record)
         plot_files = plots.write_plots(Path(cfg.paths.outputs_root) / cfg.experiment_name)
         _log_run(logger, record, run_dir, plot_files)
-        print("\n".join(results.summary_lines(record)) + f"\nresults: {done}")
+        print("\n".join(results.summary_lines(record) + _rft_lines(record)) + f"\nresults: {done}")
         exit_code = 0
         return metrics.get("ppl/wikitext2")
     finally:
@@ -128,6 +138,41 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _recover(cfg: DictConfig, options: rft.RftOptions, loaded: LoadedModel, adapter: ModelAdapter,
+             evaluators: dict[str, Any], plan: PrunePlan, run_dir: Path) -> rft.RftResult:
+    """The RFT stage: the pruned model's metrics before it (``pre_rft/<key>``, when ``rft.eval_before``),
+    then the training (`prune.rft.recover`, in place), whose cost metrics it returns with them."""
+    if options.kind == "none":
+        return rft.RftResult({}, {})
+    before: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if options.eval_before:
+        for evaluator in evaluators.values():
+            before |= evaluator(loaded.model, loaded.tokenizer)
+    eval_before_s = time.perf_counter() - t0
+    # the checkpoint key: a checkpoint of another model or plan is never resumed
+    identity = {"model": loaded.key, "plan": digest(plan.to_json())}
+    preset = OmegaConf.select(cfg, "model.preset.name", default=None)
+    result = rft.recover(adapter, loaded.tokenizer, options, checkpoint_dir=run_dir, identity=identity,
+                         preset=preset)
+    pre = {f"pre_rft/{k}": v for k, v in before.items()}
+    if options.eval_before:
+        pre["time/rft_eval_before_s"] = eval_before_s
+    return rft.RftResult(pre | result.metrics, result.info)
+
+
+def _rft_lines(record: dict[str, Any]) -> list[str]:
+    """The RFT stage in the summary: the recipe, perplexity before and after, and what it cost."""
+    info, m = record.get("rft"), record["metrics"]
+    if not info:
+        return []
+    before, after = m.get("pre_rft/ppl/wikitext2"), m.get("ppl/wikitext2")
+    ppl = f"ppl/wikitext2 {before:.4g} -> {after:.4g}, " if before is not None and after is not None else ""
+    preset = f" [preset {info['preset']}]" if info.get("preset") else ""
+    return [f"rft {info['recipe']}{preset}: {ppl}{info['steps']} steps, {info['tokens']} tokens, "
+            f"{m['time/rft_s']:.1f} s, peak {m['mem/rft_peak_gb']:.2f} GB"]
 
 
 def set_determinism(on: bool) -> None:
@@ -213,12 +258,16 @@ def _save_compressed(adapter: Any, plan: Any, run_dir: Path) -> None:
 
 def _log_run(logger: tracking.Logger, record: dict[str, Any], run_dir: Path, plot_files: list[Path]) -> None:
     """The cell's metrics, plan and the sweep's figures. ``cell/method`` (the method with the cell's
-    ``method.*`` overrides: ``blockpruner[search=false]``), ``cell/ratio`` and ``cell/achieved_ratio``
-    (parameters removed, a fraction) go into the summary and the run config too, so that a W&B panel can
-    plot any metric against the achieved ratio, grouped by method (README, "W&B dashboard")."""
+    ``method.*`` overrides and RFT recipe: ``blockpruner[search=false]``, ``shortgpt[rft=lora]``),
+    ``cell/ratio`` and ``cell/achieved_ratio`` (parameters removed, a fraction) go into the summary and the
+    run config too, so that a W&B panel can plot any metric against the achieved ratio, grouped by method
+    (README, "W&B dashboard")."""
     flat = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
     flat |= {f"dense/{k}": v for k, v in record["dense_metrics"].items() if isinstance(v, (int, float))}
     variant = tracking.method_overrides()
+    recipe = record.get("choices", {}).get("rft")
+    if recipe not in (None, "none"):  # as the tables label it: shortgpt[rft=lora_trsp]
+        variant = [*variant, f"rft={recipe}"]
     method = record["plan"]["method"] + (f"[{','.join(variant)}]" if variant else "")
     cell = {"cell/method": method, "cell/ratio": record["config"]["ratio"],
             "cell/achieved_ratio": record["metrics"].get("params/removed_frac")}

@@ -77,9 +77,18 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("paths") is not None:
         _check_writable(cfg.paths.outputs_root)
     _check_option_names(cfg.method, "method")
+    _check_rft(cfg.get("rft"))
     for name, node in (cfg.get("eval") or {}).items():
         if isinstance(node, DictConfig):
             _check_option_names(node, f"eval.{name}")
+
+
+def _check_rft(node: Any) -> None:
+    """``rft.*``: option names, values and ranges (`prune.rft.RftOptions`; rank 0, an unknown target role),
+    and a Hub-only dataset with no stand-in while offline: all before anything loads or trains."""
+    from prune import rft  # heavy imports (peft) stay inside prune.rft's functions
+
+    rft.check_data_available(rft.parse_options(node))
 
 
 def check_loaded_model(cfg: DictConfig, model: Any, needs_calibration: bool) -> None:

@@ -122,6 +122,32 @@ def test_table_places_paper_numbers_and_differences_beside_ours() -> None:
     assert tables.match_cells([{"method": "dense", "ratio": 0.5}], records) == [None]
 
 
+def test_rft_table_names_the_recovery_variant_and_places_the_papers_rft_figures() -> None:
+    """experiment=rft: rows of the rft=lora_trsp cells are ``<method>[rft=lora_trsp]`` (the grid's first
+    value, rft=none, is the plain method), beside the papers' figures with the same RFT flag."""
+    import pandas as pd
+
+    grid = {"method": ["shortgpt", "elder"], "rft": ["none", "lora_trsp"], "ratio": [0.25]}
+    cells = tables.grid_cells(grid)
+    records = []
+    for cell in cells:
+        record = _record(cell["method"], 0.25, 30.0 if cell["rft"] == "none" else 20.0, 0.4)
+        record["choices"]["rft"] = cell["rft"]
+        if cell["rft"] != "none":
+            record["metrics"] |= {"pre_rft/ppl/wikitext2": 30.0, "time/rft_s": 60.0, "rft/tokens": 20480}
+        records.append(record)
+    matched = tables.match_cells(cells, records)
+    assert matched == records
+    expected = tables.load_expected("rft")
+    df = tables.build_table(tables.TABLES["rft"], grid, list(zip(cells, matched)), expected)
+    ours = df[df["kind"] == "ours"]
+    assert list(ours["method"]) == ["shortgpt", "shortgpt[rft=lora_trsp]", "elder", "elder[rft=lora_trsp]"]
+    assert list(ours["PPL pre-RFT"])[1] == 30.0 and list(ours["RFT tokens"])[1] == 20480
+    papers = df[(df["kind"] == "paper") & (df["method"] == "shortgpt[rft=lora_trsp]")]
+    assert list(papers["PPL"]) == [8.89]  # TRSP's ShortGPT with LoRA RFT, not BlockPruner's without
+    assert isinstance(expected, pd.DataFrame)
+
+
 def test_table_lists_the_cells_that_failed(tmp_path: Path, capsys) -> None:
     """A cell with bad input leaves error.txt (prune/sweep.py); the table names it and its error."""
     cell = tmp_path / "outputs" / "table2" / "smoke" / "method=disp,ratio=0.2"

@@ -60,26 +60,24 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 from prune.errors import PruneError
 from prune.methods import WithOptions, require_calibration
 from prune.methods.layer_common import ROUNDING, layers_to_remove
 from prune.methods.training import (
+    DataLoss,
     Dist,
+    LoopSettings,
     Windows,
     calibration_pieces,
-    flat_point,
-    live_log,
     masked_ce,
-    trainable,
+    train_loop,
     training_mode,
 )
 from prune.models.adapter import ModelAdapter
@@ -91,7 +89,6 @@ from prune.types import PrunePlan
 log = logging.getLogger(__name__)
 
 # (input_ids[B, T], target_mask[B, T]) -> named scalar loss terms of one micro-batch.
-DataLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 # How many times its stage-1 steps per round an unsettled run's fix asks for: the next budget to try, not one
 # known to settle (on the embedded model none measured did; experiments/table2, ELDeR).
 FIX_STEPS_FACTOR = 4
@@ -367,60 +364,19 @@ class Elder(WithOptions[ElderOptions]):
                penalty: Callable[[], torch.Tensor] | None, dist: Dist, stage: str, desc: str,
                curves: dict[str, list], snapshot: Callable[[], dict[str, Any]],
                after_step: Callable[[], None] | None = None) -> None:
-        """AdamW, linear warm-up/decay schedule; one step = ``grad_accum`` micro-batches over all processes.
+        """`prune.methods.training.train_loop` with this method's batch, schedule and precision options.
 
-        Every step appends one point (the loss terms, lr and ``snapshot()``) to `curves` and, when the runner
-        opened a W&B run, logs it live under ``elder/<stage>/`` (``stage1``: the round, CE, L1 and every
-        scale; ``stage2``: CE, the regulariser and ‖X_out − X_in‖ of each layer of P, keyed by layer index;
-        ``plan.info`` keeps them as lists in the order of ``curves["layers"]``).
-
-        Each process runs the micro-batches ``rank, rank + n, ...`` of the step; gradients are summed across
-        processes (each micro-batch loss is already divided by ``grad_accum``), then the penalty, which is the
-        same on every process, adds its gradient once. ``after_step`` runs after every optimiser step (the
-        projection of the split L1 form).
+        Every step's point goes to `curves` and, when the runner opened a W&B run, live under
+        ``elder/<stage>/`` (``stage1``: the round, CE, L1 and every scale; ``stage2``: CE, the regulariser and
+        ‖X_out − X_in‖ of each layer of P, keyed by layer index; ``plan.info`` keeps them as lists
+        (order: ``curves["layers"]``). ``after_step`` is the projection of the split L1 form.
         """
-        from transformers import get_linear_schedule_with_warmup
-
         o = self.options
-        device = dist.device(model)
-        autocast = o.bf16 and device.type == "cuda"
-        params = [p for g in groups for p in g["params"]]
-        with trainable(model, params, upcast=autocast):
-            opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay)
-            sched = get_linear_schedule_with_warmup(opt, int(o.warmup_ratio * steps), steps)
-            bar = tqdm(range(steps), desc=desc, leave=False, disable=not (o.progress and dist.main))
-            live = live_log() if dist.main else None
-            for _ in bar:
-                opt.zero_grad(set_to_none=True)
-                batch = next(stream)  # [batch_size * grad_accum] window indices, identical on every process
-                sums: dict[str, torch.Tensor] = {}
-                for j in range(dist.rank, o.grad_accum, dist.n):
-                    idx = batch[j * o.batch_size : (j + 1) * o.batch_size]
-                    ids, mask = data.ids[idx].to(device), data.mask[idx].to(device)
-                    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
-                    with ctx:
-                        parts = data_loss(ids, mask)
-                    (sum(parts.values()) / o.grad_accum).backward()  # type: ignore[union-attr]
-                    for k, v in parts.items():
-                        sums[k] = sums.get(k, 0) + v.detach().float() / o.grad_accum
-                dist.sum_grads(params)
-                logged = {k: dist.sum_value(v) for k, v in sorted(sums.items())}
-                if penalty is not None:
-                    pen = penalty()
-                    pen.backward()
-                    logged["l1"] = pen.item()
-                lr = sched.get_last_lr()[0]
-                opt.step()
-                if after_step is not None:
-                    after_step()
-                sched.step()
-                logged["loss"] = sum(logged.values())
-                point = snapshot() | logged | {"lr": lr}
-                for key, value in point.items():
-                    curves[key].append(value)
-                if live:
-                    live(flat_point(f"elder/{stage}", point, curves.get("layers")))
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
+        settings = LoopSettings(batch_size=o.batch_size, grad_accum=o.grad_accum, warmup_ratio=o.warmup_ratio,
+                                weight_decay=o.weight_decay, bf16=o.bf16, progress=o.progress)
+        train_loop(model, data, stream, groups, steps, data_loss, dist, settings, desc=desc,
+                   live_prefix=f"elder/{stage}", curves=curves, snapshot=snapshot, penalty=penalty,
+                   after_step=after_step)
 
     # ---- data -------------------------------------------------------------------------------------------
 

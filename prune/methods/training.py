@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from prune.data.calibration import CalibrationSet
 
@@ -217,3 +218,105 @@ def trainable(model: nn.Module, params: list[nn.Parameter], upcast: bool) -> Ite
         for p in params:
             if id(p) in in_model:
                 p.requires_grad_(False)
+
+
+# ---- the shared optimisation loop (ELDeR's stages, recovery fine-tuning) -------------------------------
+
+# (input_ids[B, T], target_mask[B, T]) -> named scalar loss terms of one micro-batch.
+DataLoss = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The knobs of `train_loop` that its callers read from their own options."""
+
+    batch_size: int  # sequences per forward pass (micro-batch) and process
+    grad_accum: int  # micro-batches per optimiser step in total, split over the processes
+    warmup_ratio: float  # share of the steps with a linear warm-up (then linear decay to 0)
+    weight_decay: float  # AdamW decay
+    bf16: bool  # autocast to bfloat16 on CUDA (trainable weights upcast to float32 meanwhile)
+    progress: bool  # a tqdm bar on the main process
+
+
+class StepCheckpoint(Protocol):
+    """Where a loop saves its state every ``every`` steps and resumes from (`prune.rft.AdapterCheckpoint`)."""
+
+    every: int
+
+    def restore(self, opt: torch.optim.Optimizer, sched: Any, curves: dict[str, list]) -> int:
+        """Load the saved state into the trainables, `opt`, `sched` and `curves`; the steps already done."""
+        ...
+
+    def save(self, step: int, opt: torch.optim.Optimizer, sched: Any, curves: dict[str, list]) -> None:
+        """Save the state after `step` steps."""
+        ...
+
+
+def train_loop(model: nn.Module, data: Windows, stream: Iterator[torch.Tensor], groups: list[dict[str, Any]],
+               steps: int, data_loss: DataLoss, dist: Dist, settings: LoopSettings, *, desc: str,
+               live_prefix: str, curves: dict[str, list], snapshot: Callable[[], dict[str, Any]],
+               penalty: Callable[[], torch.Tensor] | None = None,
+               after_step: Callable[[], None] | None = None,
+               step_checkpoint: StepCheckpoint | None = None) -> None:
+    """AdamW, linear warm-up/decay schedule; one step = ``grad_accum`` micro-batches over all processes.
+
+    Every step appends one point (the loss terms, lr and ``snapshot()``) to `curves` and, when the runner
+    opened a W&B run, logs it live under `live_prefix` (list entries keyed by ``curves["layers"]`` when
+    present).
+
+    Each process runs the micro-batches ``rank, rank + n, ...`` of the step; gradients are summed across
+    processes (each micro-batch loss is already divided by ``grad_accum``), then the penalty, which is the
+    same on every process, adds its gradient once. ``after_step`` runs after every optimiser step (ELDeR's
+    projection of the split L1 form). With `step_checkpoint`, the loop resumes from its saved state (the
+    window stream is replayed up to that step, so the run continues on the same windows) and saves every
+    ``step_checkpoint.every`` steps and at the end.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    device = dist.device(model)
+    autocast = settings.bf16 and device.type == "cuda"
+    params = [p for g in groups for p in g["params"]]
+    with trainable(model, params, upcast=autocast):
+        opt = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+        sched = get_linear_schedule_with_warmup(opt, int(settings.warmup_ratio * steps), steps)
+        start = step_checkpoint.restore(opt, sched, curves) if step_checkpoint is not None else 0
+        for _ in range(start):  # the windows of the steps already done
+            next(stream)
+        bar = tqdm(range(start, steps), desc=desc, leave=False, disable=not (settings.progress and dist.main),
+                   initial=start, total=steps)
+        live = live_log() if dist.main else None
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            batch = next(stream)  # [batch_size * grad_accum] window indices, identical on every process
+            sums: dict[str, torch.Tensor] = {}
+            for j in range(dist.rank, settings.grad_accum, dist.n):
+                idx = batch[j * settings.batch_size : (j + 1) * settings.batch_size]
+                ids, mask = data.ids[idx].to(device), data.mask[idx].to(device)
+                ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+                with ctx:
+                    parts = data_loss(ids, mask)
+                (sum(parts.values()) / settings.grad_accum).backward()  # type: ignore[union-attr]
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / settings.grad_accum
+            dist.sum_grads(params)
+            logged = {k: dist.sum_value(v) for k, v in sorted(sums.items())}
+            if penalty is not None:
+                pen = penalty()
+                pen.backward()
+                logged["l1"] = pen.item()
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            if after_step is not None:
+                after_step()
+            sched.step()
+            logged["loss"] = sum(logged.values())
+            point = snapshot() | logged | {"lr": lr}
+            for key, value in point.items():
+                curves[key].append(value)
+            if live:
+                live(flat_point(live_prefix, point, curves.get("layers")))
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logged.items()})
+            done = step + 1
+            due = step_checkpoint is not None and (done % step_checkpoint.every == 0 or done == steps)
+            if due and dist.main:
+                step_checkpoint.save(done, opt, sched, curves)  # type: ignore[union-attr]

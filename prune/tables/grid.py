@@ -169,9 +169,14 @@ def cell_name(cell: dict[str, Any]) -> str:
     return ",".join(f"{k}={fmt_value(v)}" for k, v in cell.items())
 
 
+# Config groups besides the method whose grid choice names a row variant: ``shortgpt[rft=lora_trsp]``.
+LABELLED_GROUPS = ("rft",)
+
+
 def row_label(cell: dict[str, Any], grid: dict[str, list[Any]]) -> str:
-    """The method, plus each ``method.*`` grid key whose value is not the grid's first (the full method)."""
+    """The method, plus each ``method.*`` grid key (and `LABELLED_GROUPS` key) whose value is not the grid's
+    first (the full method, no recovery fine-tuning)."""
     method = str(cell.get("method", "?"))
     variant = [f"{k.removeprefix('method.')}={fmt_value(v)}" for k, v in cell.items()
-               if k.startswith("method.") and not same_value(v, grid[k][0])]
+               if (k.startswith("method.") or k in LABELLED_GROUPS) and not same_value(v, grid[k][0])]
     return f"{method}[{','.join(variant)}]" if variant else method
