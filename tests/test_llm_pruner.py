@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from prune.data.calibration import CalibrationSet
 from prune.data.tokens import tensor_hash
@@ -201,3 +203,18 @@ def test_cli_bad_option_exits_2(tmp_path) -> None:
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "method.grouping" in errors[0]
+
+
+def test_cli_end_to_end_saves_a_reloadable_model(tmp_path) -> None:
+    cell = tmp_path / "cell"
+    out = run_cli("debug=tiny", "model=tiny_qwen2", "method=llm_pruner", "ratio=0.5", "method.ratio_of=layer",
+                  "save=true", f"hydra.run.dir={cell}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((cell / "results.json").read_text())
+    plan = record["plan"]
+    assert plan["method"] == "llm_pruner" and plan["ratio_unit"] == "groups_per_layer"
+    assert record["metrics"]["params/removed_frac"] == pytest.approx(plan["info"]["achieved"]["all"])
+    reloaded = AutoModelForCausalLM.from_pretrained(cell / "model")
+    assert type(reloaded).__name__ == "Qwen2DispForCausalLM"
+    heads = [len(layer.self_attn.k_proj.weight) // 16 for layer in reloaded.model.layers]
+    assert heads == [1, 1, 1, 1]  # 2 KV groups per layer, half removed
