@@ -218,3 +218,16 @@ def test_cli_end_to_end_saves_a_reloadable_model(tmp_path) -> None:
     assert type(reloaded).__name__ == "Qwen2DispForCausalLM"
     heads = [len(layer.self_attn.k_proj.weight) // 16 for layer in reloaded.model.layers]
     assert heads == [1, 1, 1, 1]  # 2 KV groups per layer, half removed
+
+
+@pytest.mark.parametrize("fam", ["llama", "opt"])
+def test_gqa_fold_llama3_differs_only_under_gqa(fam) -> None:
+    """gqa_fold=llama3 (the official llama3.py's stride fold) scores other query heads than a KV group
+    removes; under MHA (OPT) both folds are the official hf_prune computation."""
+    model = _dense(fam)
+    adapter = adapter_for(model)
+    ids, mask = calibration_pieces(_calib(model.config.vocab_size), 4, 64)
+    grouped = _method().scores(adapter, [1], ids, mask)[0][1]
+    llama3 = _method(gqa_fold="llama3").scores(adapter, [1], ids, mask)[0][1]
+    assert torch.equal(grouped, llama3) == (fam == "opt")
+    assert float(grouped.sum()) == pytest.approx(float(llama3.sum()), rel=1e-5)  # the same values, regrouped

@@ -47,9 +47,10 @@ NOTE(faithfulness):
   taken round-robin over its windows, so 8 windows still give 10 pieces), not 10 random BookCorpus samples
   (not available offline). ``calib=c4_documents calib.seqlen=64 calib.seed=42`` is the official
   get_examples draw (random.seed(42) in hf_prune) on C4 shard 0 instead of BookCorpus.
-- GQA (not in the official hf_prune; llama3.py roots the group at k_proj): a query-head channel's value is
-  added to its KV channel's (the heads of one group folded) before the group reduction; under MHA this is
-  the official computation.
+- GQA (not in the official hf_prune; llama3.py roots the group at k_proj and removes the right query heads,
+  but folds query channels onto KV channels with stride G·hd, i.e. scores group g with query heads g, g+G,
+  ...): here the query heads removed with a group are the ones added to its score (``gqa_fold=grouped``);
+  ``gqa_fold=llama3`` reproduces llama3.py. Under MHA both are the official computation.
 - ties: a stable sort (the lower index goes first); the code's ``torch.argsort`` leaves ties unordered.
 - the code's ``vectorize`` sums the salience per row / column of one matrix (then |·|), not over the whole
   structure the paper's vector-wise formula names; the code's form is implemented.
@@ -105,6 +106,10 @@ class LLMPrunerOptions(Options):
         layer_start, layer_end: pruned layers ``[start, end)`` (attention and MLP alike, as every official
             script); ``None``: the official 4..30 of 32 scaled to the depth.
         num_examples, seqlen: calibration pieces and their length (official 10 x 64).
+        gqa_fold: under GQA, how query-head channel values join their KV channel before the reduction:
+            ``grouped`` (default) adds the query heads a KV head serves (heads g·P .. g·P+P−1, what is
+            removed with it); ``llama3`` is the official ``llama3.py``'s alignment ``view(P, G·hd).sum(0)``,
+            which adds query heads g, g+G, g+2G, ... (not the heads removed with group g). Same under MHA.
     """
 
     taylor: Taylor = "param_first"
@@ -114,6 +119,7 @@ class LLMPrunerOptions(Options):
     layer_end: int | None = bounded(None, ge=1)
     num_examples: int = bounded(10, ge=1)
     seqlen: int = bounded(64, ge=2)
+    gqa_fold: Literal["grouped", "llama3"] = "grouped"
 
     def check(self) -> None:
         start, end = self.layer_start, self.layer_end
@@ -315,17 +321,22 @@ class LLMPruner(WithOptions[LLMPrunerOptions]):
             for i in layers:
                 q, k, v, out, *mlp_in, down = (salience(m.weight, *terms[id(m.weight)], o.taylor)
                                                for m in modules[i])
-                heads[i] = _head_scores(HeadGeometry.of(adapter, i), q, k, v, out, o.taylor, reduce)
+                geometry = HeadGeometry.of(adapter, i)
+                heads[i] = _head_scores(geometry, q, k, v, out, o.taylor, reduce, o.gqa_fold)
                 rows = [channel_values(m, 1, o.taylor) for m in mlp_in] + [channel_values(down, 0, o.taylor)]
                 channels[i] = reduce(torch.stack(rows))
         return heads, channels
 
 
 def _head_scores(g: HeadGeometry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 taylor: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                 taylor: str, reduce: Callable[[torch.Tensor], torch.Tensor], gqa_fold: str = "grouped"
+                 ) -> torch.Tensor:
     """One score per KV group: per-channel values of q rows, k rows, v rows and o columns (q and o folded
-    onto their KV channel), reduced over the four matrices, summed over head_dim."""
+    onto their KV channel: `LLMPrunerOptions.gqa_fold`), reduced over the four matrices, summed over
+    head_dim."""
     def fold(x: torch.Tensor) -> torch.Tensor:  # query-head channels -> KV-group channels
+        if gqa_fold == "llama3":
+            return x.view(g.per_group, g.groups * g.head_dim).sum(0)
         return x.view(g.groups, g.per_group, g.head_dim).sum(1).flatten()
 
     per_channel = torch.stack([fold(channel_values(q, 1, taylor)), channel_values(k, 1, taylor),
