@@ -38,7 +38,8 @@ class PrunePlan:
             ``drop_sub_blocks``, with ``drop_mlp``.
         drop_mlp: layers whose MLP sub-block is removed.
         keep_dims: width pruning (DISP-LLM): ``{layer: {site: kept indices}}`` of the dense model, sites in
-            `prune.models.width.SITES`; absent layers and sites keep every index (kind ``keep_dims``).
+            `prune.models.width.SITES`, or ``attn_heads`` (`prune.models.width.HEAD_SITE`: kept KV
+            groups, whole heads); absent layers and sites keep every index (kind ``keep_dims``).
         scores: per-layer (or per-block) importance scores the decision was based on, for logging.
         info: anything else worth recording (rounding rule, removal order, search statistics). A plan with
             weight masks records ``info["zeroed_only"]``: true when it removes no parameter at all (its

@@ -8,7 +8,16 @@ Every layer has five structures over the full widths (S1..S5 in the paper, site 
 - ``mlp_mid`` (S4, width d_ff): the intermediate, shared by gate and up (or fc1); the input of down (fc2).
 - ``mlp_out`` (S5, width d): which rows of the MLP output projection reach the residual.
 
-Heads, head_dim, q/k/v output and o_proj input widths, embeddings, norms and the LM head are untouched.
+One more site, ``attn_heads`` (`HEAD_SITE`, kept out of `SITES`, which is DISP's hypernetwork order), removes
+whole attention heads: its indices are the kept *KV groups* of the layer (under MHA a group is one head; under
+GQA one KV head with the query heads that read it, so GQA stays valid). It slices the q/k/v output rows (and
+biases), the o_proj / out_proj / dense input columns and the attention module's head count; head_dim and the
+per-head norms (Qwen3 q_norm / k_norm, Phi's optional q/k LayerNorm: one vector over head_dim shared by every
+head) are untouched, so RoPE (Phi's partial rotary included) is unchanged. With ``mlp_mid`` it is exactly the
+structure LLM-Pruner, FLAP and Wanda-sp remove. DISP never sets it. A layer must keep at least one group
+(removing a whole attention block is `prune.models.blocks`' job, which keep_dims cannot combine with).
+
+head_dim, embeddings, norms and the LM head are untouched.
 
 Per family (`Layout`): LLaMA / Mistral / Qwen2 / Qwen3 and OPT (pre-LN) are sequential: S1 sits on the
 output of the attention norm (it only feeds q/k/v), S3 on the MLP norm's output. Phi-2 runs attention and MLP
@@ -39,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +61,7 @@ from prune.models.adapter import ModelAdapter, module_at, replace_module
 from prune.models.families import Layout
 
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid", "mlp_out")  # S1..S5, the hypernetwork's order
+HEAD_SITE = "attn_heads"  # kept KV groups (whole heads); not a DISP structure, so not in SITES
 # {layer index (str, JSON-safe): {site: sorted kept indices}}; absent layers / sites keep everything.
 KeepDims = dict[str, dict[str, list[int]]]
 Masks = dict[int, dict[str, torch.Tensor]]
@@ -66,6 +76,34 @@ def _check_pre_norm(adapter: ModelAdapter) -> None:
     """Every family in `LAYOUTS` supports width pruning, but only with pre-norm layers."""
     if getattr(adapter.model.config, "do_layer_norm_before", True) is False:
         raise PruneError("width pruning needs pre-norm layers (this OPT config is post-LN, like opt-350m)")
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    """One layer's attention heads: ``groups`` KV groups of ``per_group`` query heads, ``head_dim`` wide.
+
+    Query head ``j`` reads KV head ``j // per_group`` (HF's ``repeat_kv``), so group ``g`` owns query heads
+    ``g*per_group .. (g+1)*per_group - 1``; under MHA ``per_group`` is 1.
+    """
+
+    groups: int
+    per_group: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, i: int) -> HeadGeometry:
+        head_dim = adapter.attn(i).head_dim
+        q, k, _v = adapter.attn_in(i)
+        return cls(k.out_features // head_dim, q.out_features // k.out_features, head_dim)
+
+    def query_heads(self, groups: torch.Tensor) -> torch.Tensor:
+        """The query heads of the given KV groups, in order."""
+        offsets = torch.arange(self.per_group, device=groups.device)
+        return (groups[:, None] * self.per_group + offsets).flatten()
+
+    def rows(self, heads: torch.Tensor) -> torch.Tensor:
+        """The feature indices (q/k/v output rows, o input columns) of the given heads."""
+        return (heads[:, None] * self.head_dim + torch.arange(self.head_dim, device=heads.device)).flatten()
 
 
 def _variable(sizes: Sequence[Sequence[Any]], coef: list[tuple[int, int, int]],
@@ -89,6 +127,9 @@ class WidthCost:
     MLP input projection with bias) and n5. Everything no width touches (embeddings, LM head, norms, q/k/v
     biases) is ``fixed``.
 
+    The attention-head site (`HEAD_SITE`) scales the q/k/v and o terms by the kept fraction of KV groups and
+    removes the dropped groups' q/k/v biases from ``fixed``: ``count(..., heads=...)``. DISP never passes it.
+
     Attributes:
         widths: per layer, the dense width of each site (SITES order).
         coef: per layer (q+k+v outputs, o inputs, number of MLP input projections).
@@ -96,6 +137,8 @@ class WidthCost:
         linear_total: T_total of the official script: all q/k/v/o/MLP weights of the dense model.
         total: every parameter of the dense model.
         fixed: the parameters no width changes.
+        heads: per layer, the dense number of KV groups (the width of `HEAD_SITE`).
+        head_coef: per layer and per KV group: (q+k+v output rows, o input columns, q+k+v bias entries).
     """
 
     widths: list[list[int]]
@@ -104,6 +147,8 @@ class WidthCost:
     linear_total: int
     total: int
     fixed: int
+    heads: list[int] = field(default_factory=list)
+    head_coef: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
     def of(cls, adapter: ModelAdapter) -> WidthCost:
@@ -111,8 +156,11 @@ class WidthCost:
         from prune.eval.params import count_params
 
         _check_pre_norm(adapter)
-        widths, coef, bias = [], [], []
+        widths, coef, bias, heads, head_coef = [], [], [], [], []
         for i in range(adapter.num_layers()):
+            geometry = HeadGeometry.of(adapter, i)
+            qkv_bias = sum(p.out_features for p in adapter.attn_in(i) if p.bias is not None)
+            heads.append(geometry.groups)
             qkv, o, mlp_in = adapter.attn_in(i), adapter.attn_out(i), adapter.mlp_in(i)
             down = adapter.mlp_out(i)
             d = qkv[0].in_features
@@ -120,15 +168,26 @@ class WidthCost:
             coef.append((sum(p.out_features for p in qkv), o.in_features, len(mlp_in)))
             bias.append((int(o.bias is not None), sum(p.bias is not None for p in mlp_in),
                          int(down.bias is not None)))
+            g = geometry.groups
+            head_coef.append((coef[-1][0] // g, o.in_features // g, qkv_bias // g))
         total = count_params(adapter)["params/total"]
         return cls(widths, coef, bias, linear_total=_variable(widths, coef, None), total=total,
-                   fixed=total - _variable(widths, coef, bias))
+                   fixed=total - _variable(widths, coef, bias), heads=heads, head_coef=head_coef)
 
-    def count(self, sizes: Sequence[Sequence[Any]], linear_only: bool) -> Any:
-        """T(s) for kept widths ``sizes[layer][site]`` (ints, or differentiable mask sums)."""
+    def count(self, sizes: Sequence[Sequence[Any]], linear_only: bool,
+              heads: Sequence[Any] | None = None) -> Any:
+        """T(s) for kept widths ``sizes[layer][site]`` (ints, or differentiable mask sums).
+
+        `heads` (per layer, kept KV groups) counts pruned attention heads; ``None`` keeps them all.
+        """
+        coef, fixed = self.coef, self.fixed
+        if heads is not None:
+            coef = [(qkv * h, o * h, m)
+                    for (qkv, o, _b), h, (_q, _o, m) in zip(self.head_coef, heads, self.coef)]
+            fixed = fixed - sum(b * (n - h) for (_q, _o, b), n, h in zip(self.head_coef, self.heads, heads))
         if linear_only:
-            return _variable(sizes, self.coef, None)
-        return self.fixed + _variable(sizes, self.coef, self.bias)
+            return _variable(sizes, coef, None)
+        return fixed + _variable(sizes, coef, self.bias)
 
     def dense_total(self, linear_only: bool) -> int:
         return self.linear_total if linear_only else self.total
@@ -154,14 +213,18 @@ def _scale_input(get: Callable[[], torch.Tensor]) -> Callable[..., tuple]:
 
 
 def _gate_sites(adapter: ModelAdapter, i: int) -> list[tuple[str, nn.Module, str]]:
-    """(site, module, "in" | "out"): where each gate multiplies, for layer `i`."""
+    """(site, module, "in" | "out"): where each gate multiplies, for layer `i`.
+
+    The head gate multiplies the o projection's input (the heads' outputs side by side), expanded from one
+    value per KV group to every feature of the group's query heads: zeroing it equals removing the group.
+    """
     if adapter.parallel_blocks:  # one norm feeds both blocks: gate the readers, not the norm
         readers = [("attn_in", m, "in") for m in adapter.attn_in(i)]
         readers += [("mlp_in", m, "in") for m in adapter.mlp_in(i)]
     else:
         readers = [("attn_in", adapter.attn_norm(i), "out"), ("mlp_in", adapter.mlp_norm(i), "out")]
-    return readers + [("attn_out", adapter.attn_out(i), "out"), ("mlp_mid", adapter.mlp_out(i), "in"),
-                      ("mlp_out", adapter.mlp_out(i), "out")]
+    return readers + [("attn_out", adapter.attn_out(i), "out"), (HEAD_SITE, adapter.attn_out(i), "in"),
+                      ("mlp_mid", adapter.mlp_out(i), "in"), ("mlp_out", adapter.mlp_out(i), "out")]
 
 
 @contextmanager
@@ -171,7 +234,8 @@ def gated(adapter: ModelAdapter, masks: Masks, square_mid: bool = False) -> Iter
     Args:
         adapter: the model's adapter.
         masks: ``{layer: {site: Tensor[width]}}``; the sites present when the context opens are gated, and
-            their tensors are looked up on every call (the caller may swap them between steps).
+            their tensors are looked up on every call (the caller may swap them between steps). The
+            `HEAD_SITE` mask has one value per KV group.
         square_mid: gate the intermediate with m² where the MLP is gated (gate and up): the official code
             multiplies act(gate(x)) and up(x) by m each, which differs from m only for soft gates.
     """
@@ -179,14 +243,17 @@ def gated(adapter: ModelAdapter, masks: Masks, square_mid: bool = False) -> Iter
     handles = []
     for i in range(adapter.num_layers()):
         gated_mlp = len(adapter.mlp_in(i)) > 1
+        geometry = HeadGeometry.of(adapter, i)
         for site, module, side in _gate_sites(adapter, i):
             if site not in masks.get(i, {}):
                 continue
+            repeat = geometry.per_group * geometry.head_dim if site == HEAD_SITE else 1
 
-            def get(i: int = i, site: str = site, sq: bool = square_mid and gated_mlp and site == "mlp_mid"
-                    ) -> torch.Tensor:
+            def get(i: int = i, site: str = site, sq: bool = square_mid and gated_mlp and site == "mlp_mid",
+                    repeat: int = repeat) -> torch.Tensor:
                 m = masks[i][site]
-                return m * m if sq else m
+                m = m * m if sq else m
+                return m.repeat_interleave(repeat) if repeat > 1 else m
 
             if side == "out":
                 handles.append(module.register_forward_hook(_scale_output(get)))
@@ -264,6 +331,27 @@ def _keep_cols(linear: nn.Linear, index: torch.Tensor) -> None:
     linear.in_features = len(index)
 
 
+def _keep_heads(layer: nn.Module, layout: Layout, groups: torch.Tensor) -> None:
+    """`HEAD_SITE`: keep the KV groups `groups` (q/k/v output rows, o input columns, the module's head count).
+
+    HF's attention reshapes with ``-1`` heads (OPT with its ``num_heads``, updated here), and
+    ``num_key_value_groups`` (query heads per KV head) is unchanged by removing whole groups.
+    """
+    attn = module_at(layer, layout.attn)
+    q, k, v = (module_at(layer, p) for p in layout.attn_in)
+    geometry = HeadGeometry(k.out_features // attn.head_dim, q.out_features // k.out_features, attn.head_dim)
+    query_heads = geometry.query_heads(groups)
+    q_rows, kv_rows = geometry.rows(query_heads), geometry.rows(groups)
+    _keep_rows(q, q_rows)
+    _keep_rows(k, kv_rows)
+    _keep_rows(v, kv_rows.clone())
+    _keep_cols(module_at(layer, layout.attn_out), q_rows)
+    if hasattr(attn, "num_heads"):
+        attn.num_heads = len(query_heads)
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = len(groups)
+
+
 def _select_inputs(layer: nn.Module, layout: Layout, norm_path: str, readers: list[str],
                    index: torch.Tensor) -> None:
     """S1 / S3: the readers of one normalised tensor see only the kept features."""
@@ -284,6 +372,8 @@ def _write_rows(layer: nn.Module, path: str, index: torch.Tensor) -> None:
 def _prune_layer(layer: nn.Module, layout: Layout, keep: dict[str, list[int]]) -> None:
     device = module_at(layer, layout.attn_out).weight.device
     idx = {site: torch.tensor(v, dtype=torch.long, device=device) for site, v in keep.items()}
+    if HEAD_SITE in idx:  # first: attn_in / attn_out then slice and wrap the head-sliced projections
+        _keep_heads(layer, layout, idx[HEAD_SITE])
     if "attn_in" in idx:
         _select_inputs(layer, layout, layout.attn_norm, list(layout.attn_in), idx["attn_in"])
     if "attn_out" in idx:
@@ -299,17 +389,31 @@ def _prune_layer(layer: nn.Module, layout: Layout, keep: dict[str, list[int]]) -
     layer.disp_keep = {site: list(v) for site, v in keep.items()}  # travels with the layer (drop_layers)
 
 
-def normalise_keep(keep_dims: KeepDims, widths: list[list[int]]) -> KeepDims:
-    """Checked, sorted index sets with fully kept sites (and layers) left out."""
+def _site_width(site: str, i: int, widths: list[list[int]], heads: list[int] | None) -> int:
+    if site in SITES:
+        return widths[i][SITES.index(site)]
+    if site == HEAD_SITE and heads is not None:
+        return heads[i]
+    raise PruneError(f"keep_dims[{i}] names site {site!r}; known sites: {', '.join((*SITES, HEAD_SITE))}")
+
+
+def normalise_keep(keep_dims: KeepDims, widths: list[list[int]], heads: list[int] | None = None) -> KeepDims:
+    """Checked, sorted index sets with fully kept sites (and layers) left out.
+
+    `heads` (per layer, the dense KV groups) admits `HEAD_SITE`; a layer keeping no group is refused.
+    """
     out: KeepDims = {}
     for key, sites in keep_dims.items():
         i = int(key)
         if not 0 <= i < len(widths):
             raise PruneError(f"keep_dims names layer {i}; the model has {len(widths)}")
         for site, values in sites.items():
-            width = widths[i][SITES.index(site)] if site in SITES else None
+            width = _site_width(site, i, widths, heads)
             kept = sorted({int(v) for v in values})
-            if width is None or not kept or kept[0] < 0 or kept[-1] >= width:
+            if site == HEAD_SITE and not kept:
+                raise PruneError(f"keep_dims[{i}][{HEAD_SITE}] keeps no attention head: keep at least one KV "
+                                 "group per layer (removing attention blocks is drop_attn, not keep_dims)")
+            if not kept or kept[0] < 0 or kept[-1] >= width:
                 raise PruneError(f"keep_dims[{i}][{site}] must be a non-empty subset of range({width})")
             if len(kept) < width:
                 out.setdefault(str(i), {})[site] = kept
@@ -336,7 +440,8 @@ def prune_widths(adapter: ModelAdapter, keep_dims: KeepDims) -> None:
     if type(model.config) is not adapter.layout.hf_classes()[0]:
         raise PruneError(f"width pruning needs a stock {model.config.model_type} model, "
                          f"not a {type(model.config).__name__}")
-    keep = normalise_keep(keep_dims, WidthCost.of(adapter).widths)
+    cost = WidthCost.of(adapter)
+    keep = normalise_keep(keep_dims, cost.widths, cost.heads)
     apply_widths(model, adapter.layout, keep)
     export.convert(model, DISP, disp_keep_dims=_recorded(model, adapter.layout))
 
