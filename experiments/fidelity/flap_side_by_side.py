@@ -1,7 +1,8 @@
 """The official FLAP / Wanda-sp selection code against ours: same model, same calibration tokens; prints, per
-structure, whether both keep the same heads and channels in every layer, and how far the bias compensations are.
+structure, whether both keep the same heads and channels in every layer, and how far the bias compensations
+are.
 
-    git --git-dir=<fetched FLAP mirror> archive HEAD | tar -x -C /tmp/ref_flap     # CASIA-IVA-Lab/FLAP @ 3bb57db
+    git --git-dir=<FLAP mirror> archive HEAD | tar -x -C /tmp/ref_flap     # CASIA-IVA-Lab/FLAP @ 3bb57db
     python experiments/fidelity/flap_side_by_side.py --official /tmp/ref_flap
 
 The model: a random LLaMA (seeded) with what the official code assumes: MHA, head_dim 128 (4 heads, hidden
@@ -12,10 +13,10 @@ The model: a random LLaMA (seeded) with what the official code assumes: MHA, hea
 What this script changes around the official code, and why (its scoring and selection run as released):
 - ``get_loaders`` returns our token windows (offline; both sides see the same tokens).
 - ``Tensor.cuda`` is the identity (CPU only; the code moves scores to the GPU just to sort them).
-- Its decoder-layer calls pass ``attention_mask`` and ``position_ids`` only (transformers 4.28); a pre-hook adds
-  the rotary ``position_embeddings`` transformers 5 needs, and the attention gets back its 4.28 ``num_heads``.
-- FLAP: ``compress`` is replaced by a recorder of its masks and mean inputs (its bias arithmetic multiplies the
-  fp16 means by the weights, which fails in fp32); the bias it would write, (mean · ~mask) @ Wᵀ, is computed
+- Its decoder-layer calls pass ``attention_mask`` and ``position_ids`` only (transformers 4.28); a pre-hook
+  adds the rotary ``position_embeddings`` transformers 5 needs; the attention gets back its ``num_heads``.
+- FLAP: ``compress`` is replaced by a recorder of its masks and mean inputs (its bias arithmetic multiplies
+  the fp16 means by the fp32 weights, which fails); the bias it would write, (mean · ~mask) @ Wᵀ, is computed
   here from what it passed. Wanda-sp: ``compress`` runs as released (real pruning, needed for the next layer's
   inputs), after recording its masks.
 Exit status 1 when any structure keeps other heads or channels.
@@ -131,8 +132,8 @@ def main() -> int:
     from prune.models.load import load_tokenizer
 
     tokenizer = load_tokenizer("bundled:gpt2")  # the tiny test models' tokenizer
-    calib = build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=cli.nsamples, seqlen=128,
-                              seed=cli.seed, source="bundled")
+    calib = build_calibration(tokenizer, dataset="wikitext2", split="train", nsamples=cli.nsamples,
+                              seqlen=128, seed=cli.seed, source="bundled")
     model = tiny_mha_llama(cli.seed)
     failures = 0
     for metric, structure, heads, ratio in CASES:
@@ -142,7 +143,8 @@ def main() -> int:
         same_channels = all(torch.equal(mine[i][1], theirs[i]["mlp"].cpu()) for i in range(4))
         bias_gap = 0.0
         for i in range(4):
-            for site, path, w in (("attn", "self_attn.o_proj", "o_weight"), ("mlp", "mlp.down_proj", "down_weight")):
+            for site, path, w in (("attn", "self_attn.o_proj", "o_weight"),
+                                  ("mlp", "mlp.down_proj", "down_weight")):
                 name = f"added_biases/model.layers.{i}.{path}"
                 if theirs[i].get(f"{site}_mean") is None or name not in plan.tensors:
                     continue
