@@ -55,7 +55,7 @@ def drop_layers(adapter: ModelAdapter, indices: Iterable[int]) -> None:
 # The order edits run in. Every edit names layers and parameters of the *dense* model: element edits run
 # first, while every tensor has its dense shape; width and sub-block edits keep the layer list; layer drops
 # renumber it, so they run last.
-ORDER = ("weight_updates", "weight_masks", "keep_dims", "drop_sub_blocks", "drop_layers")
+ORDER = ("weight_updates", "weight_masks", "added_biases", "keep_dims", "drop_sub_blocks", "drop_layers")
 # Kinds one plan cannot combine: widths assume a stock model, sub-block removal makes another type.
 INCOMPATIBLE = (("keep_dims", "drop_sub_blocks",
                  "a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)"),)
@@ -120,6 +120,13 @@ def copy_updated_weights(adapter: ModelAdapter, plan: PrunePlan) -> None:
                              f"needs a floating tensor of shape {tuple(weight.shape)}")
         with torch.no_grad():
             weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+@edit("added_biases")
+def _add_biases(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    """Bias compensation (FLAP, LLM-Pruner): vectors added to named linears' output biases, before the widths
+    they compensate for are sliced (a bias is created where there is none; the saved model records it)."""
+    from prune.models.width import add_output_biases
+
+    add_output_biases(adapter, plan.tensors_of("added_biases"), converting=not plan.keep_dims)
 
 
 @edit("keep_dims")

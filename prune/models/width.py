@@ -443,19 +443,61 @@ def prune_widths(adapter: ModelAdapter, keep_dims: KeepDims) -> None:
     cost = WidthCost.of(adapter)
     keep = normalise_keep(keep_dims, cost.widths, cost.heads)
     apply_widths(model, adapter.layout, keep)
-    export.convert(model, DISP, disp_keep_dims=_recorded(model, adapter.layout))
+    export.convert(model, DISP, **_record(model, adapter.layout))
+
+
+# ---- added output biases (surgery kind ``added_biases``: FLAP's and LLM-Pruner's bias compensation) -------
+# A linear given a bias its stock config does not create (LLaMA's o_proj) carries this flag; the ``_disp``
+# config records those linears (``disp_added_biases``) and the rebuild creates them before the weights load.
+ADDED_BIAS_FLAG = "carries_added_bias"
+
+
+def _create_bias(linear: nn.Linear) -> None:
+    weight = linear.weight
+    zeros = torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device)
+    linear.bias = nn.Parameter(zeros, requires_grad=weight.requires_grad)
+    setattr(linear, ADDED_BIAS_FLAG, True)
+
+
+def add_output_biases(adapter: ModelAdapter, biases: dict[str, torch.Tensor], converting: bool) -> None:
+    """Add each vector to the output bias of the named linear (dense-model names), creating the bias where
+    the linear has none. `converting`: make the model the ``_disp`` type here (no keep_dims edit follows to do
+    it), so that a saved model recreates the biases on reload."""
+    model = adapter.model
+    for name, vector in biases.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as e:
+            raise PruneError(f"the plan adds a bias to {name}, which the model does not have") from e
+        if not isinstance(linear, nn.Linear) or vector.shape != (linear.out_features,):
+            raise PruneError(f"the plan's added bias of {name} has shape {tuple(vector.shape)}; it needs a "
+                             f"vector of the linear's {getattr(linear, 'out_features', '?')} outputs")
+        if linear.bias is None:
+            _create_bias(linear)
+        with torch.no_grad():
+            linear.bias.add_(vector.to(linear.bias.device, linear.bias.dtype))
+    if converting and biases and type(model.config) is adapter.layout.hf_classes()[0]:
+        export.convert(model, DISP, **_record(model, adapter.layout))
+
+
+def _added_bias_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if getattr(m, ADDED_BIAS_FLAG, False)]
 
 
 def _rebuild(model: nn.Module, layout: Layout, config: Any) -> None:
+    for name in getattr(config, "disp_added_biases", None) or []:  # before the slicing, as at pruning time
+        _create_bias(model.get_submodule(name))
     apply_widths(model, layout, config.disp_keep_dims or {})
 
 
-def _record(model: nn.Module, layout: Layout) -> dict[str, KeepDims]:
-    return {"disp_keep_dims": _recorded(model, layout)}  # renumbered if layers were dropped since
+def _record(model: nn.Module, layout: Layout) -> dict[str, Any]:
+    return {"disp_keep_dims": _recorded(model, layout),  # renumbered if layers were dropped since
+            "disp_added_biases": _added_bias_names(model) or None}
 
 
-# ``<family>_disp``: the config records the kept indices of every pruned site.
+# ``<family>_disp``: the config records the kept indices of every pruned site and the linears given a bias.
 DISP = export.declare(export.Edit(
-    suffix="_disp", tag="Disp", fields={"disp_keep_dims": "dict[str, dict[str, list[int]]] | None"},
+    suffix="_disp", tag="Disp", fields={"disp_keep_dims": "dict[str, dict[str, list[int]]] | None",
+                                        "disp_added_biases": "list[str] | None"},
     rebuild=_rebuild, record=_record, module=__name__,
 ))
