@@ -55,10 +55,13 @@ def drop_layers(adapter: ModelAdapter, indices: Iterable[int]) -> None:
 # The order edits run in. Every edit names layers and parameters of the *dense* model: element edits run
 # first, while every tensor has its dense shape; width and sub-block edits keep the layer list; layer drops
 # renumber it, so they run last.
-ORDER = ("weight_masks", "keep_dims", "drop_sub_blocks", "drop_layers")
+ORDER = ("weight_masks", "rotations", "keep_dims", "drop_sub_blocks", "drop_layers")
 # Kinds one plan cannot combine: widths assume a stock model, sub-block removal makes another type.
 INCOMPATIBLE = (("keep_dims", "drop_sub_blocks",
-                 "a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)"),)
+                 "a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)"),
+               # SliceGPT's shortcuts chain the bases of consecutive sites: nothing may be cut out after it.
+               *(("rotations", kind, f"a plan cannot combine rotations (SliceGPT) with {kind}")
+                 for kind in ("keep_dims", "drop_sub_blocks", "drop_layers")))
 
 Edit = Callable[[ModelAdapter, PrunePlan], None]
 EDITS: dict[str, Edit] = {}
@@ -104,6 +107,13 @@ def zero_masked_weights(adapter: ModelAdapter, plan: PrunePlan) -> None:
                              f"needs a torch.bool mask of shape {tuple(weight.shape)}")
         with torch.no_grad():
             weight.masked_fill_(mask.to(weight.device), 0)
+
+
+@edit("rotations")
+def _rotate_and_slice(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    from prune.models.rotation import rotate_and_slice
+
+    rotate_and_slice(adapter, plan.tensors_of("rotations"))
 
 
 @edit("keep_dims")
