@@ -122,8 +122,8 @@ class SliceGPT(WithOptions[SliceGPTOptions]):
         rotation.check_model(adapter)
         hidden = adapter.model.config.hidden_size
         width = sliced_width(hidden, ratio, self.options.round_interval)
-        info: dict[str, Any] = {"options": self.options.as_dict(), "hidden_size": hidden, "sliced_width": width,
-                                "slicing_ratio_achieved": 1 - width / hidden}
+        info: dict[str, Any] = {"options": self.options.as_dict(), "hidden_size": hidden,
+                                "sliced_width": width, "slicing_ratio_achieved": 1 - width / hidden}
         if width <= 0:
             raise PruneError(f"slicegpt: ratio={ratio} leaves no dimension of {hidden} (round_interval="
                              f"{self.options.round_interval}); lower the ratio")
@@ -132,9 +132,9 @@ class SliceGPT(WithOptions[SliceGPTOptions]):
             return PrunePlan("slicegpt", ratio, self.ratio_unit, info=info | {"no_op": True})
         rotations = self.rotations(adapter, calib.input_ids, width)
         info |= self.parameter_change(adapter, rotations)
-        log.info("slicegpt: width %d of %d (slicing %.4f); parameters %d -> %d (%+.2f%% change)", width, hidden,
-                 info["slicing_ratio_achieved"], info["params_dense"], info["params_sliced"],
-                 100 * (info["params_sliced"] / info["params_dense"] - 1))
+        log.info("slicegpt: width %d of %d (slicing %.4f); parameters %d -> %d (%+.2f%% change)", width,
+                 hidden, info["slicing_ratio_achieved"], info["params_dense"], info["params_sliced"],
+                 100 * info["params_change_frac"])
         tensors = {f"rotations/{name}": q for name, q in rotations.items()}
         return PrunePlan("slicegpt", ratio, self.ratio_unit, tensors=tensors, info=info)
 
@@ -203,7 +203,8 @@ class SliceGPT(WithOptions[SliceGPTOptions]):
         return q.float()
 
     @staticmethod
-    def _run(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    def _run(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict[str, Any]]
+             ) -> list[torch.Tensor]:
         return [ModelAdapter.hidden(layer(x, **kw)) for x, kw in zip(inputs, kwargs)]
 
     @staticmethod
@@ -235,7 +236,7 @@ class SliceGPT(WithOptions[SliceGPTOptions]):
         finally:
             handle.remove()
         q_mid = self._site(mids, width, 2 * i + 1)
-        del mids
+        mids.clear()
         rotation.rotate_out([module_at(layer, layout.attn_out)], q_mid)
         rotation.rotate_in([module_at(layer, p) for p in layout.mlp_in], q_mid)
         rotation.set_shortcuts(layer, layout, rotation.shortcut(q_in, q_mid, like),

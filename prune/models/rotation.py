@@ -476,7 +476,8 @@ def added_biases(adapter: ModelAdapter) -> list[str]:
         for norm_path, readers in groups:
             if getattr(module_at(adapter.layer(i), norm_path), "bias", None) is None:
                 continue
-            out += [f"{layout.layers}.{i}.{p}" for p in readers if module_at(adapter.layer(i), p).bias is None]
+            layer = adapter.layer(i)
+            out += [f"{layout.layers}.{i}.{p}" for p in readers if module_at(layer, p).bias is None]
     if getattr(adapter.final_norm(), "bias", None) is not None and adapter.lm_head().bias is None:
         out.append(next(n for n, m in adapter.model.named_modules() if m is adapter.lm_head()))
     return sorted(out)
