@@ -131,6 +131,24 @@ def test_a_deep_copy_keeps_its_own_shortcuts(family) -> None:
     assert torch.equal(_logits(model, ids), before)
 
 
+def test_official_embedding_centring_is_an_option(family) -> None:
+    """center_embeddings=always (official fuse_modules) changes only RMSNorm models; LayerNorm ones are centred
+    either way."""
+    from tests.conftest import load_tiny
+
+    dense = load_tiny(family).model.eval()
+    ids = random_ids(dense.config.vocab_size, 1, 12, seed=8)
+    logits = {}
+    for mode in ("layernorm", "always"):
+        model = copy.deepcopy(dense)
+        rotations = SliceGPT(center_embeddings=mode).rotations(
+            adapter_for(model), _calib(dense.config.vocab_size).input_ids, dense.config.hidden_size)
+        rotation.rotate_and_slice(adapter_for(model), rotations, mode)
+        logits[mode] = _logits(model, ids)
+    layer_norm = family in ("opt", "phi")
+    assert torch.allclose(logits["always"], logits["layernorm"], atol=1e-5) == layer_norm
+
+
 def test_ratio_zero_is_a_no_op(tiny) -> None:
     plan = SliceGPT().prune(adapter_for(tiny.model), _calib(tiny.model.config.vocab_size), 0.0)
     assert plan.is_empty() and plan.info["no_op"]
@@ -154,6 +172,7 @@ def test_rotations_refuse_other_structural_edits(tiny) -> None:
     (["method=slicegpt", "method.round_interval=0"], "method.round_interval=0 must be >= 1"),
     (["method=slicegpt", "method.final_orientation=svd"], "method.final_orientation='svd' is not one of"),
     (["method=slicegpt", "method.damping=-1"], "method.damping=-1"),
+    (["method=slicegpt", "method.center_embeddings=yes"], "method.center_embeddings='yes' is not one of"),
     (["method=slicegpt", "ratio=0.99"], "leaves no dimension"),
 ])
 def test_bad_options_are_one_error_line_exit_2(overrides, fragment, tmp_path: Path,

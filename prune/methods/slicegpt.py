@@ -54,6 +54,9 @@ class SliceGPTOptions(Options):
     damping: float = bounded(0.01, ge=0)          # fraction of mean(diag H) added to H (official 0.01)
     batch_size: int = bounded(16, ge=1)           # calibration sequences per forward (official 16)
     seed: int = 42                                # random orientation's draw
+    # layernorm (paper: only LayerNorm families get zero-mean embeddings) | always (official fuse_modules
+    # centres every family's embeddings, which slightly changes an RMSNorm model's function)
+    center_embeddings: Literal["layernorm", "always"] = "layernorm"
 
 
 def sliced_width(hidden: int, ratio: float, round_interval: int) -> int:
@@ -123,6 +126,7 @@ class SliceGPT(WithOptions[SliceGPTOptions]):
         hidden = adapter.model.config.hidden_size
         width = sliced_width(hidden, ratio, self.options.round_interval)
         info: dict[str, Any] = {"options": self.options.as_dict(), "hidden_size": hidden,
+                                "center_embeddings": self.options.center_embeddings,
                                 "sliced_width": width, "slicing_ratio_achieved": 1 - width / hidden}
         if width <= 0:
             raise PruneError(f"slicegpt: ratio={ratio} leaves no dimension of {hidden} (round_interval="
@@ -170,7 +174,7 @@ class SliceGPT(WithOptions[SliceGPTOptions]):
         try:
             with torch.no_grad():
                 inputs, kwargs = layer0_inputs(adapter, ids, o.batch_size)
-                if isinstance(adapter.final_norm(), nn.LayerNorm):  # the folded embeddings are zero-mean
+                if rotation.centers_embeddings(adapter, o.center_embeddings):  # as the folded embeddings
                     inputs = [(x.double() - x.double().mean(-1, keepdim=True)).to(x.dtype) for x in inputs]
                 out: dict[str, torch.Tensor] = {}
                 q = self._site(inputs, width, 0)

@@ -275,12 +275,19 @@ def untie_head(adapter: ModelAdapter) -> bool:
     return tied
 
 
-def fold_model(adapter: ModelAdapter) -> None:
-    """Step 1 of the edit (official layernorm_fusion.fuse_modules), in place; the function is unchanged."""
+def centers_embeddings(adapter: ModelAdapter, center_embeddings: str) -> bool:
+    """Whether the fold subtracts each embedding row's mean: LayerNorm families always need it (zero-mean
+    residual); ``center_embeddings="always"`` does it for RMSNorm families too, as the official code does."""
+    return center_embeddings == "always" or _is_layer_norm(adapter.final_norm())
+
+
+def fold_model(adapter: ModelAdapter, center_embeddings: str = "layernorm") -> None:
+    """Step 1 of the edit (official layernorm_fusion.fuse_modules), in place. The function is unchanged,
+    except with ``center_embeddings="always"`` on an RMSNorm family (see `centers_embeddings`)."""
     layout = adapter.layout
     untie_head(adapter)
     final = adapter.final_norm()
-    if _is_layer_norm(final):
+    if centers_embeddings(adapter, center_embeddings):
         for embedding in adapter.embeddings():
             w = embedding.weight.detach().double()
             _set_weight(embedding, w - w.mean(dim=-1, keepdim=True))
@@ -355,13 +362,25 @@ def check_rotations(adapter: ModelAdapter, rotations: dict[str, torch.Tensor]) -
                              f"({d} x 1..{d})")
 
 
-def rotate_and_slice(adapter: ModelAdapter, rotations: dict[str, torch.Tensor]) -> None:
-    """The whole SliceGPT edit on a dense model, in place; the model becomes ``<family>_sliced``."""
+CENTER_EMBEDDINGS = ("layernorm", "always")
+
+
+def rotate_and_slice(adapter: ModelAdapter, rotations: dict[str, torch.Tensor],
+                     center_embeddings: str = "layernorm") -> None:
+    """The whole SliceGPT edit on a dense model, in place; the model becomes ``<family>_sliced``.
+
+    ``center_embeddings``: ``layernorm`` (paper: only LayerNorm families need a zero-mean residual) or
+    ``always`` (official code: every family's embeddings are centred, which changes an RMSNorm model's
+    function slightly).
+    """
     check_model(adapter)
     check_rotations(adapter, rotations)
+    if center_embeddings not in CENTER_EMBEDDINGS:
+        raise PruneError(f"center_embeddings={center_embeddings!r} is not one of "
+                         f"{', '.join(CENTER_EMBEDDINGS)}")
     names = site_names(adapter)
     with torch.no_grad():
-        fold_model(adapter)
+        fold_model(adapter, center_embeddings)
         rotate_in(adapter.embeddings(), rotations[names[0]])
         for i in range(adapter.num_layers()):
             rotate_layer(adapter, i, rotations)

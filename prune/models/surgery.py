@@ -113,7 +113,8 @@ def zero_masked_weights(adapter: ModelAdapter, plan: PrunePlan) -> None:
 def _rotate_and_slice(adapter: ModelAdapter, plan: PrunePlan) -> None:
     from prune.models.rotation import rotate_and_slice
 
-    rotate_and_slice(adapter, plan.tensors_of("rotations"))
+    # How the fold treats the embeddings is part of the edit (method option center_embeddings).
+    rotate_and_slice(adapter, plan.tensors_of("rotations"), plan.info.get("center_embeddings", "layernorm"))
 
 
 @edit("keep_dims")
