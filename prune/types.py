@@ -33,7 +33,8 @@ class PrunePlan:
     Attributes:
         method: the method's config name (e.g. ``shortgpt``).
         ratio: the requested ratio, in ``ratio_unit``.
-        ratio_unit: ``params`` | ``layers`` | ``blocks``.
+        ratio_unit: ``params`` | ``layers`` | ``blocks`` | ``slicing`` (SliceGPT: fraction of the hidden
+            dimension deleted; its parameter change is in ``info``).
         drop_layers: decoder-layer indices (of the dense model) removed whole (kind ``drop_layers``).
         drop_attn: layers whose attention sub-block is removed (residual passes through); kind
             ``drop_sub_blocks``, with ``drop_mlp``.
@@ -52,13 +53,11 @@ class PrunePlan:
               parameter's shape, True where the element is zeroed (the papers' convention). Implemented.
             - ``weight_updates`` (SparseGPT's reconstructed weights; LoRA-merged weights): the new value of
               the target parameter, same shape, applied before the masks. Implemented; removes no parameter.
-
-            Intended, not implemented yet (surgery refuses them until it registers an edit):
-
-            - ``rotations`` (SliceGPT): an orthogonal matrix per layer, target ``layers.<i>``, applied before
-              the hidden dimensions it sheds are deleted.
+            - ``rotations`` (SliceGPT): per residual site, named by the dense norm that reads it
+              (``model.layers.3.input_layernorm``, ..., ``model.norm``), the kept columns ``Q[:, :w]`` of its
+              orthogonal PCA basis (`prune.models.rotation`). Implemented.
             - ``added_biases`` (LLM-Pruner, FLAP bias compensation): a vector added to the target module's
-              output bias, next to the ``keep_dims`` index sets it compensates for.
+              output bias, next to the ``keep_dims`` index sets it compensates for. Implemented.
     """
 
     method: str

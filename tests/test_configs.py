@@ -30,7 +30,7 @@ def test_method_instantiates_and_follows_protocol(name: str) -> None:
     assert cfg.method._target_.startswith(f"prune.methods.{name}.")
     method = instantiate(cfg.method)
     assert isinstance(method, PruningMethod)
-    assert method.ratio_unit in {"none", "layers", "blocks", "params"}
+    assert method.ratio_unit in {"none", "layers", "blocks", "params", "slicing"}  # slicing: SliceGPT's
 
 
 @pytest.mark.parametrize("model", MODEL_YAMLS)

@@ -125,10 +125,10 @@ def test_surgery_refuses_what_it_cannot_apply(tiny) -> None:
     (name,) = _weight_names(model, [0])[:1]
     weight = model.get_parameter(name)
     dense = weight.detach().clone()
-    rotation = PrunePlan("slicegpt", 0.2, "params", drop_layers=[1],
-                         tensors={"rotations/layers.0": torch.eye(4)})
-    with pytest.raises(PruneError, match=r"cannot apply plan edits \['rotations'\]"):
-        surgery.apply(adapter_for(model), rotation)
+    unknown = PrunePlan("future", 0.2, "params", drop_layers=[1],
+                        tensors={"future_kind/layers.0": torch.eye(4)})
+    with pytest.raises(PruneError, match=r"cannot apply plan edits \['future_kind'\]"):
+        surgery.apply(adapter_for(model), unknown)
     assert adapter_for(model).num_layers() == 4  # checked before any edit
     wrong = PrunePlan("wanda", 0.5, "params", tensors={f"weight_masks/{name}": torch.zeros(weight.shape)})
     with pytest.raises(PruneError, match="torch.bool mask"):
@@ -149,4 +149,4 @@ def test_every_kind_in_the_order_is_registered() -> None:
     assert set(surgery.EDITS) == set(surgery.ORDER)
     assert surgery.ORDER.index("drop_layers") == len(surgery.ORDER) - 1  # the edit that renumbers runs last
     with pytest.raises(ValueError, match="surgery.ORDER"):
-        surgery.edit("rotations")
+        surgery.edit("future_kind")

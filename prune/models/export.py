@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # The modules whose import declares an edit (`declare`); a new structural edit adds its module here.
-EDIT_MODULES = ("prune.models.blocks", "prune.models.width")
+EDIT_MODULES = ("prune.models.blocks", "prune.models.width", "prune.models.rotation")
 
 
 @dataclass(frozen=True)

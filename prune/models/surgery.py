@@ -53,12 +53,18 @@ def drop_layers(adapter: ModelAdapter, indices: Iterable[int]) -> None:
 
 
 # The order edits run in. Every edit names layers and parameters of the *dense* model: element edits run
-# first, while every tensor has its dense shape; width and sub-block edits keep the layer list; layer drops
-# renumber it, so they run last.
-ORDER = ("weight_updates", "weight_masks", "added_biases", "keep_dims", "drop_sub_blocks", "drop_layers")
+# first, while every tensor has its dense shape (new values, then the zeros, so a mask always wins); output
+# biases are added before widths slice the rows they sit on; a rotation (SliceGPT) changes the hidden size
+# and combines with nothing structural; width and sub-block edits keep the layer list; layer drops renumber
+# it, so they run last.
+ORDER = ("weight_updates", "weight_masks", "added_biases", "rotations", "keep_dims", "drop_sub_blocks",
+         "drop_layers")
 # Kinds one plan cannot combine: widths assume a stock model, sub-block removal makes another type.
 INCOMPATIBLE = (("keep_dims", "drop_sub_blocks",
-                 "a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)"),)
+                 "a plan cannot combine keep_dims (width) with drop_attn / drop_mlp (sub-blocks)"),
+               # SliceGPT's shortcuts chain the bases of consecutive sites: nothing may be cut out after it.
+               *(("rotations", kind, f"a plan cannot combine rotations (SliceGPT) with {kind}")
+                 for kind in ("keep_dims", "drop_sub_blocks", "drop_layers")))
 
 Edit = Callable[[ModelAdapter, PrunePlan], None]
 EDITS: dict[str, Edit] = {}
@@ -120,6 +126,8 @@ def copy_updated_weights(adapter: ModelAdapter, plan: PrunePlan) -> None:
                              f"needs a floating tensor of shape {tuple(weight.shape)}")
         with torch.no_grad():
             weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+
+
 @edit("added_biases")
 def _add_biases(adapter: ModelAdapter, plan: PrunePlan) -> None:
     """Bias compensation (FLAP, LLM-Pruner): vectors added to named linears' output biases, before the widths
@@ -127,6 +135,14 @@ def _add_biases(adapter: ModelAdapter, plan: PrunePlan) -> None:
     from prune.models.width import add_output_biases
 
     add_output_biases(adapter, plan.tensors_of("added_biases"), converting=not plan.keep_dims)
+
+
+@edit("rotations")
+def _rotate_and_slice(adapter: ModelAdapter, plan: PrunePlan) -> None:
+    from prune.models.rotation import rotate_and_slice
+
+    # How the fold treats the embeddings is part of the edit (method option center_embeddings).
+    rotate_and_slice(adapter, plan.tensors_of("rotations"), plan.info.get("center_embeddings", "layernorm"))
 
 
 @edit("keep_dims")
