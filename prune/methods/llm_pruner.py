@@ -52,6 +52,8 @@ NOTE(faithfulness):
   ...): here the query heads removed with a group are the ones added to its score (``gqa_fold=grouped``);
   ``gqa_fold=llama3`` reproduces llama3.py. Under MHA both are the official computation.
 - ties: a stable sort (the lower index goes first); the code's ``torch.argsort`` leaves ties unordered.
+- a group ratio that removes some KV channels but fewer than one head (e.g. 0.25 with 2 or 3 KV groups)
+  removes no head here; the official ``prune_local`` fails there (``torch.cat`` of an empty list).
 - the code's ``vectorize`` sums the salience per row / column of one matrix (then |·|), not over the whole
   structure the paper's vector-wise formula names; the code's form is implemented.
 - the README says param_mix is the default; ``hf_prune.py`` and every script use param_first, as here.
