@@ -132,8 +132,8 @@ def test_a_deep_copy_keeps_its_own_shortcuts(family) -> None:
 
 
 def test_official_embedding_centring_is_an_option(family) -> None:
-    """center_embeddings=always (official fuse_modules) changes only RMSNorm models; LayerNorm ones are centred
-    either way."""
+    """center_embeddings=always (official fuse_modules) changes only RMSNorm models; LayerNorm ones are
+    centred either way."""
     from tests.conftest import load_tiny
 
     dense = load_tiny(family).model.eval()
