@@ -89,7 +89,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path) -> float | None:
         loaded = load_model_and_tokenizer(cfg.model)
         check_loaded_model(cfg, loaded.model, method.needs_calibration)
         adapter = adapter_for(loaded.model)
-        evaluators = {k: instantiate(v) for k, v in cfg.eval.items() if k != "name" and v is not None}
+        evaluators = selected_evaluators(cfg.eval)
         dense_metrics = _dense_metrics(loaded, evaluators, cfg)
         calib = build_calibration(loaded.tokenizer, **cfg.calib) if method.needs_calibration else None
         with PeakMemory() as peak:
@@ -237,6 +237,13 @@ def _dense_reference(loaded: LoadedModel, evaluators: dict[str, Any],
         metrics |= evaluator(loaded.model, loaded.tokenizer)
     results.write_json_atomic(path, {"metrics": metrics, "model": loaded.provenance})
     return dense | metrics, True
+
+
+def selected_evaluators(eval_cfg: DictConfig) -> dict[str, Any]:
+    """The evaluators the eval config selects. An entry without ``_target_`` holds settings of an evaluator
+    the config does not select (``experiment=table2 eval=ppl``: the table's zero-shot tasks), not one to run."""
+    return {name: instantiate(node) for name, node in eval_cfg.items()
+            if name != "name" and isinstance(node, DictConfig) and "_target_" in node}
 
 
 def _save_model(loaded: LoadedModel, target: Path) -> None:

@@ -57,6 +57,14 @@ def test_every_experiment_composes_at_every_scale(experiment: str, scale: str) -
         assert cfg.model.random_config is not None and cfg.logger.kind == "none"
 
 
+def test_a_table_run_with_eval_ppl_runs_only_perplexity() -> None:
+    """The table's zero-shot settings stay behind when eval=ppl selects no zero-shot evaluator."""
+    from prune.runner import selected_evaluators
+
+    cfg = compose_full("experiment=table2", "scale=smoke", "eval=ppl")
+    assert "zeroshot" in cfg.eval and list(selected_evaluators(cfg.eval)) == ["ppl"]
+
+
 def test_paper_is_the_default_scale_of_a_table() -> None:
     for table in tables.TABLES:
         assert compose_full(f"experiment={table}").scale.name == "paper"
