@@ -57,7 +57,8 @@ class PrunePlan:
             - ``weight_updates`` (SparseGPT's reconstructed weights, LoRA-merged weights): the new value of
               the target parameter.
             - ``added_biases`` (LLM-Pruner, FLAP bias compensation): a vector added to the target module's
-              output bias, next to the ``keep_dims`` index sets it compensates for.
+              output bias, next to the ``keep_dims`` index sets it compensates for. Implemented
+              (`prune.models.width.add_output_biases`; a bias is created where the linear has none).
     """
 
     method: str
