@@ -241,7 +241,7 @@ def _dense_reference(loaded: LoadedModel, evaluators: dict[str, Any],
 
 def selected_evaluators(eval_cfg: DictConfig) -> dict[str, Any]:
     """The evaluators the eval config selects. An entry without ``_target_`` holds settings of an evaluator
-    the config does not select (``experiment=table2 eval=ppl``: the table's zero-shot tasks), not one to run."""
+    the config does not select (``experiment=table2 eval=ppl``: the table's zero-shot tasks): none to run."""
     return {name: instantiate(node) for name, node in eval_cfg.items()
             if name != "name" and isinstance(node, DictConfig) and "_target_" in node}
 

@@ -57,7 +57,8 @@ class PrunePlan:
               (``model.layers.3.input_layernorm``, ..., ``model.norm``), the kept columns ``Q[:, :w]`` of its
               orthogonal PCA basis (`prune.models.rotation`). Implemented.
             - ``added_biases`` (LLM-Pruner, FLAP bias compensation): a vector added to the target module's
-              output bias, next to the ``keep_dims`` index sets it compensates for. Implemented.
+              output bias, next to the ``keep_dims`` index sets it compensates for. Implemented
+              (`prune.models.width.add_output_biases`; a bias is created where the linear has none).
     """
 
     method: str

@@ -145,6 +145,8 @@ def test_structures_remove_what_the_code_rounds_to() -> None:
     assert sum(al_mm.info["kept_groups"]) == 8 - 3 and sum(al_mm.info["kept_channels"]) == 4 * 128 - channels
     al_am = _method("flap").prune(adapter, calib, 0.5)
     assert abs(al_am.info["achieved_linear"] - 0.5) <= u.group_params / (4 * u.params)
+    seq_mm = _method("wanda_sp", "method.structure=UL-MM", "method.remove_heads=4").prune(adapter, calib, 0.5)
+    assert seq_mm.info["sequential"] and seq_mm.info["kept_groups"] == [1] * 4  # 4 // 4 layers per layer
     wanda = _method("wanda_sp").prune(adapter, calib, 0.5)
     assert wanda.info["sequential"] and not wanda.tensors and wanda.info["structure"] == "UL-UM"
     assert wanda.info["kept_channels"] == [64] * 4

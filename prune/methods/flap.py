@@ -476,11 +476,11 @@ class Flap(WithOptions[FlapOptions]):
                              f"{prunable / count_params(adapter)['params/total']:.3f})")
         return p
 
-    def _manual_channels(self, units: list[Units], p: float, per_layer: bool) -> tuple[int, int]:
-        """UL-MM / AL-MM (``cal_remove_neuron``): groups removed (per layer or in all), and channels for the
-        rest of the same budget."""
+    def _manual_channels(self, units: list[Units], p: float, per_layer: bool, n: int) -> tuple[int, int]:
+        """UL-MM / AL-MM (``cal_remove_neuron``): groups removed (per layer of the n, or in all), and channels
+        for the rest of the same budget."""
         heads = self.options.remove_heads or 0
-        u, n = units[0], len(units)
+        u = units[0]
         if per_layer:
             heads, budget = heads // n, p * u.params
         else:
@@ -508,18 +508,19 @@ class Flap(WithOptions[FlapOptions]):
             return standardise(attn).view(u.groups, -1).mean(1), standardise(mlp)
         return attn.view(u.groups, -1).sum(1), mlp  # raw; a group is the sum over its channels
 
-    def _decide(self, scores: tuple[list[torch.Tensor], list[torch.Tensor]], units: list[Units], p: float
-                ) -> list[LayerDecision]:
+    def _decide(self, scores: tuple[list[torch.Tensor], list[torch.Tensor]], units: list[Units], p: float,
+                num_layers: int | None = None) -> list[LayerDecision]:
+        """Kept groups and channels of the layers `units` describes (all of them, or one of `num_layers`)."""
         o = self.options
         attn, mlp = scores
         if o.layout == "UL-UM":
             return [LayerDecision(drop_lowest(a, int(p * u.groups)), drop_lowest(m, int(u.channels * p)))
                     for a, m, u in zip(attn, mlp, units)]
         if o.layout == "UL-MM":
-            heads, channels = self._manual_channels(units, p, per_layer=True)
+            heads, channels = self._manual_channels(units, p, per_layer=True, n=num_layers or len(units))
             return [LayerDecision(drop_lowest(a, heads), drop_lowest(m, channels)) for a, m in zip(attn, mlp)]
         if o.layout == "AL-MM":
-            heads, channels = self._manual_channels(units, p, per_layer=False)
+            heads, channels = self._manual_channels(units, p, per_layer=False, n=len(units))
             keep_a, keep_m = drop_global(torch.stack(attn), heads), drop_global(torch.stack(mlp), channels)
         else:
             u = units[0]
@@ -542,7 +543,7 @@ class Flap(WithOptions[FlapOptions]):
             with recording(adapter, [i], stats):
                 passes.through(i)
             attn, mlp = self._layer_scores(adapter, i, stats, units[i])
-            decision = self._decide(([attn], [mlp]), [units[i]], p)[0]
+            decision = self._decide(([attn], [mlp]), [units[i]], p, num_layers=len(units))[0]
             self._keep_one([decision], ([attn], [mlp]))
             decisions.append(decision)
             attn_all.append(attn)
