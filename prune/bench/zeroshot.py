@@ -44,6 +44,7 @@ def stock_lm_eval(model_dir: str, task: str, limit: int, batch: int | str) -> tu
         out = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": model_dir, "dtype": "float32"},
             tasks=[spec.lm_eval_name("bundled")], limit=limit, batch_size=batch, bootstrap_iters=0,
+            device="cuda" if torch.cuda.is_available() else "cpu",
             task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False), log_samples=False)
     seconds = time.perf_counter() - t0
     return seconds, float(out["results"][spec.lm_eval_name("bundled")][f"{spec.primary},none"])
