@@ -192,6 +192,8 @@ def run_in_process(overrides: list[str], out: Path, mode: RunMode = RunMode.RUN)
         return 0, run.run_cell(task_cfg)
     except SystemExit as stop:
         return int(stop.code or 0), None
+    finally:  # Hydra's job config is process-global: later tests must not see this job's overrides
+        HydraConfig.instance().cfg = None  # type: ignore[assignment]
 
 
 def assert_one_error_line(stderr: str, fragment: str) -> None:
