@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export WANDB_SILENT := true
 
 .PHONY: help install lint demo test test-slow test-all bench-ppl smoke reproduce-table1 reproduce-table2 \
-        reproduce-blockpruner-table2 reference-gpu wandb-report clean-outputs
+        reproduce-blockpruner-table2 reference-gpu reference-gpu-baselines wandb-report clean-outputs
 
 help:  ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-29s %s\n", $$1, $$2}'
@@ -81,6 +81,16 @@ reference-gpu: $(STAMP)  ## the embedded model under the papers' protocols, one 
 	$(GPU_REF) $(ELDER_25) method.protect_first=3 method.protect_last=4 method.stage2=true,false
 	$(GPU_REF) $(ELDER_25) 'method.layers=[3,12,13,14,15,17,25,26],[5,10,15,17,18,19,23,24]' \
 	    method.stage2_epochs=1,8
+
+# The width and sparse baselines under their reference codes' calibration, same evaluation (not yet measured on a
+# GPU): SliceGPT WikiText-2 128 x 2048 seed 42; LLM-Pruner 10 x 64 tokens of its C4 draw (BookCorpus offline);
+# FLAP 1024 WikiText-2 pieces of 128 tokens; Wanda-sp C4 128 x 128; magnitude, Wanda, SparseGPT C4 128 x 2048.
+reference-gpu-baselines: $(STAMP)  ## SliceGPT, LLM-Pruner, FLAP, Wanda-sp, sparse methods, papers' calibration, one GPU
+	$(GPU_REF) method=slicegpt calib=wikitext2 calib.seed=42 ratio=0.2,0.3,0.5
+	$(GPU_REF) method=llm_pruner calib=c4_documents calib.seqlen=64 calib.seed=42 ratio=0.2,0.5
+	$(GPU_REF) method=flap method.nsamples=1024 ratio=0.2,0.5
+	$(GPU_REF) method=wanda_sp calib=c4 calib.seqlen=128 ratio=0.2,0.5
+	$(GPU_REF) method=magnitude,wanda,sparsegpt calib=c4 method.pattern=unstructured,2:4 ratio=0.5
 
 wandb-report: $(STAMP)  ## a W&B report of a sweep (online; TABLE=table2 SCALE=paper)
 	$(PY) -m prune.tables $(TABLE) scale=$(SCALE) $(ARGS) --report
